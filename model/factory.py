@@ -1,0 +1,153 @@
+"""Named variants of the paper's network and its baselines, built from one spec each."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from .fusion import BilinearFusion, HadamardFusion, MultiplicativeGate
+from .network import FCCNN, MatchingNetwork, TwoStreamMatchingNetwork
+from .pooling import GlobalAveragePooling, SpatialPyramidPooling, StackedConv, StackedIRNN
+from .trunks import TRUNK_STRIDE, SmallTrunk, VGG16Trunk, VGGMTrunk
+from .weights import load_trunk_weights
+
+__all__ = ["VariantSpec", "VARIANTS", "build_model", "list_variants", "variant_spec"]
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """Everything that tells one variant from another. Every field can be overridden.
+
+    trunk / trunk_b: ``vgg16``, ``vggm``, ``small-vggd``, ``small-vggm`` (``trunk_b=None``:
+    the streams share one trunk). fusion: ``gate`` (Eq. 2), ``gate-linear`` (Eq. 1),
+    ``hadamard`` (MI), ``bilinear`` (B-CNN). pooling: ``irnn``, ``spp``, ``gap``, ``conv``, or
+    ``none`` with ``head="fc-cnn"``. embed_dim: d (or the bilinear rank); hidden: IRNN / conv
+    width; fc_dim: width of x_A, x_B (or of FC-CNN's embedding); input_size: (H, W).
+    """
+
+    trunk: str = "vgg16"
+    trunk_b: str | None = None
+    fusion: str = "gate"
+    pooling: str = "irnn"
+    head: str = "pair"
+    embed_dim: int = 512
+    hidden: int = 512
+    fc_dim: int = 512
+    irnn_layers: int = 2
+    dropout: float = 0.5
+    input_size: tuple[int, int] = (224, 224)
+    num_classes: int = 1000
+    weights: str | None = None      # None (random), "imagenet", or a path; for trunk A
+    weights_b: str | None = None    # the same for trunk B when the streams do not share
+
+
+_SMALL = dict(embed_dim=64, hidden=32, fc_dim=128, input_size=(128, 64))
+
+_BASE: dict[str, VariantSpec] = {
+    "dsmi": VariantSpec(),
+    "dsmi-vggm": VariantSpec(trunk="vggm"),
+    "dsmi-vggd-vggm": VariantSpec(trunk="vgg16", trunk_b="vggm"),
+    "mi-spp": VariantSpec(fusion="hadamard", pooling="spp"),
+    "bcnn-spp": VariantSpec(fusion="bilinear", pooling="spp", embed_dim=64),
+    "bcnn-irnn": VariantSpec(fusion="bilinear", pooling="irnn", embed_dim=64),
+    "dsmi-gap": VariantSpec(pooling="gap"),
+    "dsmi-conv": VariantSpec(pooling="conv"),
+    "fc-cnn": VariantSpec(fusion="none", pooling="none", head="fc-cnn"),
+}
+
+_SMALL_TRUNK = {"vgg16": "small-vggd", "vggm": "small-vggm"}
+
+
+def _small(spec: VariantSpec) -> VariantSpec:
+    narrow = dict(_SMALL)
+    if spec.fusion == "bilinear":
+        narrow["embed_dim"] = 16  # rank 16: 256 outer-product channels
+    return dataclasses.replace(
+        spec, trunk=_SMALL_TRUNK[spec.trunk],
+        trunk_b=_SMALL_TRUNK[spec.trunk_b] if spec.trunk_b else None, **narrow)
+
+
+VARIANTS: dict[str, VariantSpec] = {
+    **_BASE, **{f"{name}-small": _small(spec) for name, spec in _BASE.items()}}
+
+
+def list_variants() -> list[str]:
+    return list(VARIANTS)
+
+
+def variant_spec(name: str, **overrides) -> VariantSpec:
+    """The spec of a named variant with ``overrides`` applied (unknown fields are errors)."""
+    if name not in VARIANTS:
+        raise KeyError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+    fields = {f.name for f in dataclasses.fields(VariantSpec)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise TypeError(f"unknown override(s) {sorted(unknown)}; fields: {sorted(fields)}")
+    if "input_size" in overrides:
+        overrides["input_size"] = tuple(int(v) for v in overrides["input_size"])
+    return dataclasses.replace(VARIANTS[name], **overrides)
+
+
+def _build_trunk(kind: str, weights: str | Path | None) -> nn.Module:
+    builders = {"vgg16": VGG16Trunk, "vggm": VGGMTrunk,
+                "small-vggd": lambda: SmallTrunk(style="vggd"),
+                "small-vggm": lambda: SmallTrunk(style="vggm")}
+    if kind not in builders:
+        raise ValueError(f"unknown trunk {kind!r}; known: {', '.join(builders)}")
+    trunk = builders[kind]()
+    if weights is not None:
+        load_trunk_weights(trunk, weights)
+    return trunk
+
+
+def _build_fusion(spec: VariantSpec, channels: int) -> nn.Module:
+    if spec.fusion in ("gate", "gate-linear"):
+        return MultiplicativeGate(channels, spec.embed_dim, sigmoid=spec.fusion == "gate")
+    if spec.fusion == "hadamard":
+        return HadamardFusion(channels)
+    if spec.fusion == "bilinear":
+        return BilinearFusion(channels, rank=spec.embed_dim)
+    raise ValueError(f"unknown fusion {spec.fusion!r}")
+
+
+def _build_pooling(spec: VariantSpec, channels: int) -> nn.Module:
+    if spec.pooling == "irnn":
+        return StackedIRNN(channels, spec.hidden, spec.irnn_layers, spec.dropout)
+    if spec.pooling == "spp":
+        return SpatialPyramidPooling(channels)
+    if spec.pooling == "gap":
+        return GlobalAveragePooling(channels)
+    if spec.pooling == "conv":
+        return StackedConv(channels, spec.hidden)
+    raise ValueError(f"unknown pooling {spec.pooling!r}")
+
+
+def build_model(name: str = "dsmi", **overrides) -> MatchingNetwork:
+    """Build the named variant (see ``VARIANTS``), with any ``VariantSpec`` field overridden.
+
+    ``weights="imagenet"`` loads torchvision's VGG-16 weights from the local cache (a clear
+    error if they are not there; nothing is downloaded); a path loads a state dict.
+    """
+    spec = variant_spec(name, **overrides)
+    h, w = spec.input_size
+    if h % TRUNK_STRIDE or w % TRUNK_STRIDE:
+        raise ValueError(f"input_size {spec.input_size} must be a multiple of {TRUNK_STRIDE}")
+    map_size = (h // TRUNK_STRIDE, w // TRUNK_STRIDE)
+    trunk_a = _build_trunk(spec.trunk, spec.weights)
+    if spec.head == "fc-cnn":
+        net: MatchingNetwork = FCCNN(trunk_a, map_size, spec.fc_dim, spec.num_classes,
+                                     spec.dropout)
+    else:
+        trunk_b = _build_trunk(spec.trunk_b, spec.weights_b) if spec.trunk_b else None
+        channels = trunk_a.out_channels
+        net = TwoStreamMatchingNetwork(trunk_a, _build_fusion(spec, channels),
+                                       _build_pooling(spec, channels), map_size, spec.fc_dim,
+                                       trunk_b=trunk_b)
+    net.variant = name
+    net.input_size = spec.input_size
+    net.build_args = {"name": name, **overrides}
+    net.spec = spec
+    return net

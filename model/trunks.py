@@ -1,0 +1,116 @@
+"""Convolutional trunks: an image batch ``(B, 3, H, W)`` to a conv5 map ``(B, C, H/16, W/16)``.
+
+Every trunk has an overall stride of 16 and ends in a ReLU, so a 224x224 image gives a 14x14 map
+and a 128x64 image an 8x4 map, whichever trunk is used. The (VGG-D, VGG-M) variant multiplies the
+two streams' maps location by location, which needs the grids to agree.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models import vgg16
+
+__all__ = ["VGG16Trunk", "VGGMTrunk", "SmallTrunk", "TRUNK_STRIDE"]
+
+TRUNK_STRIDE = 16
+
+
+class VGG16Trunk(nn.Module):
+    """VGG-16 ("D-Net") cut after conv5_3 + ReLU, without pool5.
+
+    ``(B, 3, H, W)`` -> ``(B, 512, H/16, W/16)``. The layer indices of ``features`` are
+    torchvision's, so its ImageNet state dict loads as it is (see :mod:`model.weights`).
+    """
+
+    out_channels = 512
+    family = "vgg16"
+
+    def __init__(self) -> None:
+        super().__init__()
+        # features[29] is conv5_3's ReLU; features[30] would be pool5.
+        self.features = vgg16(weights=None).features[:30]
+        for m in self.features:
+            if isinstance(m, nn.ReLU):
+                m.inplace = False  # in-place ReLUs break autograd checks that read the input
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features(images)
+
+
+def _conv_relu(cin: int, cout: int, kernel: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2), nn.ReLU()]
+
+
+class VGGMTrunk(nn.Module):
+    """VGG-M ("M-Net", Chatfield et al. 2014) conv1-conv5 with their ReLUs, no pool5.
+
+    conv1 96x7x7/2 + LRN + pool, conv2 256x5x5/2 + LRN + pool, conv3-5 512x3x3.
+    ``(B, 3, H, W)`` -> ``(B, 512, H/16, W/16)``. The original pads conv1 by 0 and conv2 by 1
+    (13x13 at 224); here every layer pads to keep "same" geometry so that the grid matches
+    VGG-16's 14x14, which the location-wise product of the (VGG-D, VGG-M) variant requires.
+    No torchvision weights exist for VGG-M: it starts random or from a file the caller names.
+    """
+
+    out_channels = 512
+    family = "vggm"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            *_conv_relu(3, 96, 7, stride=2),
+            nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0),
+            nn.MaxPool2d(3, stride=2, padding=1),
+            *_conv_relu(96, 256, 5, stride=2),
+            nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0),
+            nn.MaxPool2d(3, stride=2, padding=1),
+            *_conv_relu(256, 512, 3),
+            *_conv_relu(512, 512, 3),
+            *_conv_relu(512, 512, 3),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features(images)
+
+
+class SmallTrunk(nn.Module):
+    """A narrow trunk with the same interface, for tests and CPU training.
+
+    ``(B, 3, H, W)`` -> ``(B, out_channels, H/16, W/16)`` (512 channels by default, like the
+    VGG trunks). ``style="vggd"`` stacks 3x3 convolutions with 2x2 pooling (VGG-D's shape);
+    ``style="vggm"`` starts with a 7x7/2 and a 5x5/2 convolution (VGG-M's shape). Batch norm is
+    used because these trunks always train from scratch: there are no pretrained weights.
+    """
+
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 256), out_channels: int = 512,
+                 style: str = "vggd") -> None:
+        super().__init__()
+        if style not in ("vggd", "vggm"):
+            raise ValueError(f"style must be 'vggd' or 'vggm', not {style!r}")
+        if len(widths) != 4:
+            raise ValueError("SmallTrunk needs four stage widths (four stride-2 steps)")
+        self.out_channels = out_channels
+        self.family = f"small-{style}"
+
+        def block(cin: int, cout: int, kernel: int, stride: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False),
+                    nn.BatchNorm2d(cout), nn.ReLU()]
+
+        layers: list[nn.Module] = []
+        if style == "vggd":
+            cin = 3
+            for w in widths:
+                layers += block(cin, w, 3, 1) + [nn.MaxPool2d(2)]
+                cin = w
+        else:
+            w1, w2, w3, w4 = widths
+            layers += block(3, w1, 7, 2) + [nn.MaxPool2d(3, stride=2, padding=1)]
+            layers += block(w1, w2, 5, 2) + [nn.MaxPool2d(3, stride=2, padding=1)]
+            layers += block(w2, w3, 3, 1) + block(w3, w4, 3, 1)
+            cin = w4
+        # The last layer is conv5: a plain convolution and its ReLU, as in the VGG trunks.
+        layers += [nn.Conv2d(cin, out_channels, 3, padding=1), nn.ReLU()]
+        self.features = nn.Sequential(*layers)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features(images)

@@ -1,0 +1,1 @@
+"""The matching service: FastAPI over the exported ONNX network, gallery cache in Redis."""

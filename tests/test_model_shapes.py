@@ -1,0 +1,79 @@
+"""Every named variant: output shapes at both input sizes, and one training step."""
+
+import pytest
+import torch
+
+from model import binomial_deviance, build_model, list_variants
+
+FULL = [v for v in list_variants() if not v.endswith("-small")]
+SMALL = [v for v in list_variants() if v.endswith("-small")]
+
+
+@pytest.mark.parametrize("name", list_variants())
+@pytest.mark.parametrize("size,grid", [((224, 224), (14, 14)), ((128, 64), (8, 4))])
+def test_shapes(name, size, grid):
+    torch.manual_seed(0)
+    net = build_model(name, input_size=size).eval()
+    images = torch.randn(3, 3, *size)
+    with torch.no_grad():
+        maps = net.encode(images)
+        assert maps.shape == (3, 512, *grid)
+        assert (maps >= 0).all()  # conv5 ends in its ReLU
+        scores = net.score(maps[:1], maps)
+        assert scores.shape == (3,)
+        assert torch.isfinite(scores).all() and (scores.abs() <= 1 + 1e-5).all()
+        sim = net.similarity_matrix(images)
+        assert sim.shape == (3, 3)
+        assert torch.allclose(sim, sim.T)
+
+
+@pytest.mark.parametrize("name", list_variants())
+def test_one_training_step(name):
+    torch.manual_seed(0)
+    net = build_model(name, input_size=(128, 64)).train()
+    images = torch.randn(6, 3, 128, 64)
+    pids = torch.tensor([0, 0, 1, 1, 2, 2])
+    sim = net.similarity_matrix(images)
+    loss = binomial_deviance(sim, pids[:, None] == pids[None],
+                             valid=~torch.eye(6, dtype=torch.bool))
+    assert torch.isfinite(loss)
+    loss.backward()
+    first_conv = next(m for m in net.trunks[0].modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.weight.grad is not None
+    assert first_conv.weight.grad.abs().sum() > 0
+    if len(net.trunks) > 1:  # the unshared stream-B trunk learns too
+        conv_b = next(m for m in net.trunks[1].modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv_b.weight.grad.abs().sum() > 0
+    before = first_conv.weight.detach().clone()
+    torch.optim.SGD(net.parameters(), lr=0.1).step()
+    assert not torch.equal(before, first_conv.weight)
+
+
+def test_streams_share_one_trunk_unless_the_variant_mixes_families():
+    assert build_model("dsmi-small").shares_trunk
+    mixed = build_model("dsmi-vggd-vggm-small")
+    assert not mixed.shares_trunk
+    a, b = mixed.trunks
+    assert type(a.features[0]) is type(b.features[0])
+    assert a.features[0].kernel_size == (3, 3) and b.features[0].kernel_size == (7, 7)
+    images = torch.randn(2, 3, 128, 64)
+    assert not torch.allclose(mixed.encode(images, "a"), mixed.encode(images, "b"))
+
+
+def test_paper_widths_of_the_default_variant():
+    net = build_model("dsmi")
+    assert net.input_size == (224, 224)
+    assert net.fusion.U.out_channels == 512 and net.fusion.sigmoid
+    assert len(net.pooling.layers) == 2
+    assert net.pooling.layers[0].recurrence.hidden == 512
+    assert net.pooling.layers[0].dropout.p == 0.5
+    assert net.fc.in_features == 512 * 14 * 14
+
+
+def test_unknown_variant_and_override_are_errors():
+    with pytest.raises(KeyError, match="unknown variant"):
+        build_model("dsmi-large")
+    with pytest.raises(TypeError, match="unknown override"):
+        build_model("dsmi-small", hiden=3)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        build_model("dsmi-small", input_size=(100, 64))

@@ -1,0 +1,33 @@
+"""The repository's promises: CI runs the README's test command; the CLI answers --help."""
+
+import re
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(r"<!-- test-command -->\s*```\s*\n(.+?)\n```", readme)
+    assert match, "README.md must mark its test command with <!-- test-command -->"
+    extracted = subprocess.run(
+        ["sed", "-n", "/<!-- test-command -->/{n;n;p;}", "README.md"], cwd=ROOT,
+        capture_output=True, text=True, check=True).stdout.strip()
+    assert extracted == match.group(1).strip()
+    assert "pytest" in extracted
+    assert 'bash -c "$TEST_COMMAND"' in (ROOT / ".ci" / "run").read_text()
+
+
+def test_cli_help_lists_the_subcommands():
+    out = subprocess.run([sys.executable, "-m", "training.cli", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    from training.cli import COMMANDS
+    for name in COMMANDS:
+        assert name in out
+
+
+def test_ruff_is_clean():
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,1 @@
+"""Training and evaluation of the DSMI networks on the re-id benchmarks, and the `dsmi` CLI."""

@@ -1,0 +1,47 @@
+"""The ``dsmi`` command line.
+
+Subcommands live in the module that owns the work; each module has ``configure(parser)`` and
+``run(args) -> int``. They are imported only when used, so ``dsmi serve`` runs without PyTorch
+and ``dsmi --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import import_module
+
+# name -> (module, one-line help). Modules are imported lazily.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "variants": ("training.variants_cmd", "list the model variants with their sizes"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dsmi",
+        description="DSMI person re-identification: train, evaluate, export and serve "
+                    "Deep Spatially Multiplicative Integration networks.",
+        epilog="Run 'dsmi COMMAND --help' for a command's options.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = argv[0] if argv and argv[0] in COMMANDS else None
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == wanted:  # only the chosen command's module is imported
+            import_module(module).configure(p)
+            p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    return int(import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
