@@ -1,0 +1,37 @@
+"""PyTorch datasets over image records, through the shared preprocessing of ``model.preprocess``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from model.preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image_tensor
+
+from .records import ImageRecord
+
+__all__ = ["ReIDImages"]
+
+
+class ReIDImages(Dataset):
+    """Records -> ``(image (3, H, W), pid, camid, index)``; ``transform`` augments the tensor."""
+
+    def __init__(self, records: Sequence[ImageRecord], size: tuple[int, int],
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 mean: tuple[float, ...] = IMAGENET_MEAN,
+                 std: tuple[float, ...] = IMAGENET_STD) -> None:
+        self.records = list(records)
+        self.size = tuple(size)
+        self.transform = transform
+        self.mean, self.std = mean, std
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        rec = self.records[index]
+        image = torch.from_numpy(load_image_tensor(rec.path, self.size, self.mean, self.std))
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, rec.pid, rec.camid, index
