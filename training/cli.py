@@ -13,6 +13,7 @@ from importlib import import_module
 
 # name -> (module, one-line help). Modules are imported lazily.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "evaluate": ("training.evaluate", "CMC/mAP of a checkpoint or baseline on a re-id test set"),
     "variants": ("training.variants_cmd", "list the model variants with their sizes"),
 }
 
