@@ -13,8 +13,11 @@ from importlib import import_module
 
 # name -> (module, one-line help). Modules are imported lazily.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("training.train", "train a variant on a re-id dataset (YAML config + overrides)"),
     "evaluate": ("training.evaluate", "CMC/mAP of a checkpoint or baseline on a re-id test set"),
     "variants": ("training.variants_cmd", "list the model variants with their sizes"),
+    "export": ("model.export", "export a checkpoint or variant to ONNX for the service"),
+    "serve": ("service.cli", "run the matching service (FastAPI, ONNX Runtime, Redis cache)"),
 }
 
 

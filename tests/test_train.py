@@ -1,0 +1,130 @@
+"""Training end to end on a tiny generated dataset: logs, checkpoints, resume, Ctrl-C, report."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.checkpoint import load_checkpoint
+from training.cli import main
+from training.config import load_config
+from training.train import Trainer
+
+
+@pytest.fixture(scope="module")
+def tiny_manifest(tmp_path_factory):
+    """16 people, 2 cameras, 3 images each per camera; each person has its own colours."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    rows = []
+    for pid in range(16):
+        top, bottom = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        for cam in (1, 2):
+            for k in range(3):
+                img = np.zeros((96, 48, 3), np.uint8)
+                img[:48], img[48:] = top, bottom
+                img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+                name = f"{pid:04d}_{cam}_{k}.png"
+                Image.fromarray(img).save(root / name)
+                rows.append((name, pid, cam, "train" if pid < 12 else "test"))
+    with (root / "tiny.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "pid", "camid", "split"])
+        writer.writerows(rows)
+    return root / "tiny.csv"
+
+
+def tiny_overrides(manifest, **extra):
+    items = {"data.root": str(manifest.parent), "data.manifest": manifest.name,
+             "data.test_split": "test", "data.val_ids": 3, "train.batch_size": 16,
+             "train.epochs": 2, "train.max_minutes": None, "train.patience": 10,
+             "train.threads": 1, **extra}
+    return [f"{k}={json.dumps(v) if v is None else v}" for k, v in items.items()]
+
+
+def test_train_writes_log_checkpoints_and_report(tiny_manifest, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--config", "configs/cpu.yaml", "--out", str(out), "--no-progress",
+                 *sum((["--set", o] for o in tiny_overrides(tiny_manifest)), [])])
+    assert code == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert all(np.isfinite(r["loss"]) and 0 <= r["val_map"] <= 1 for r in log)
+    assert log[1]["lr"] < log[0]["lr"]  # cosine schedule
+    net, payload = load_checkpoint(out / "best.pt")
+    assert payload["train_state"]["best_epoch"] in (1, 2)
+    assert net.variant == "dsmi-small"
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert report["num_queries"] == 4 * 3 and report["num_gallery"] == 4 * 3
+    assert (out / "eval" / "cmc.png").stat().st_size > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped"] == "epochs" and summary["epochs"] == 2
+
+
+def test_resume_continues_where_it_stopped(tiny_manifest, tmp_path):
+    cfg = load_config("configs/cpu.yaml", tiny_overrides(tiny_manifest, **{"train.epochs": 1}))
+    Trainer(cfg, tmp_path, progress=False).fit()
+    cfg2 = load_config("configs/cpu.yaml", tiny_overrides(tiny_manifest, **{"train.epochs": 3}))
+    trainer = Trainer(cfg2, tmp_path, resume=True, progress=False)
+    assert trainer.state.epoch == 1
+    resumed_weights = next(trainer.net.parameters()).detach().clone()
+    saved, _ = load_checkpoint(tmp_path / "last.pt")
+    assert torch.equal(resumed_weights, next(saved.parameters()))
+    trainer.fit()
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+
+
+def test_ctrl_c_leaves_a_usable_checkpoint(tiny_manifest, tmp_path, monkeypatch):
+    cfg = load_config("configs/cpu.yaml", tiny_overrides(tiny_manifest))
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    calls = {"n": 0}
+    real_loss = trainer._loss
+
+    def interrupting_loss(images, pids):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_loss(images, pids)
+
+    monkeypatch.setattr(trainer, "_loss", interrupting_loss)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    net, payload = load_checkpoint(tmp_path / "last.pt")
+    assert payload["interrupted"] and payload["train_state"]["step"] == 1
+    resumed = Trainer(cfg, tmp_path, resume=True, progress=False)
+    assert resumed.state.step == 1
+    assert resumed.fit()["epochs"] == 2
+
+
+def test_loss_falls_when_fitting_one_batch(tiny_manifest):
+    cfg = load_config("configs/cpu.yaml", tiny_overrides(tiny_manifest))
+    trainer = Trainer(cfg, "/tmp/unused-run", progress=False)
+    images, pids, *_ = next(iter(trainer.loader))
+    trainer.net.train()
+    first = trainer._loss(images, pids).item()
+    for _ in range(15):
+        loss = trainer._loss(images, pids)
+        trainer.optimizer.zero_grad()
+        loss.backward()
+        trainer.optimizer.step()
+    assert trainer._loss(images, pids).item() < 0.7 * first
+
+
+@pytest.mark.parametrize("variant,extra", [("fc-cnn-small", {}),
+                                           ("dsmi-small", {"train.pretrain_epochs": 1,
+                                                           "train.sampler": "pk"})])
+def test_softmax_variant_and_two_phase_training(tiny_manifest, tmp_path, variant, extra):
+    cfg = load_config("configs/cpu.yaml", tiny_overrides(
+        tiny_manifest, **{"model.variant": variant, **extra}))
+    summary = Trainer(cfg, tmp_path, progress=False).fit()
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    phases = [r["phase"] for r in log]
+    if extra:
+        assert phases == ["pretrain", "main", "main"] and "val_map" not in log[0]
+    else:
+        assert phases == ["main", "main"]
+    assert summary["best_epoch"] >= 1
