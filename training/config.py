@@ -81,6 +81,7 @@ class TrainConfig:
     eval_every: int = 1
     seed: int = 0
     device: str = "cpu"
+    precision: str = "fp32"            # "fp32" or "bf16" (autocast for the forward pass)
     threads: int | None = None
 
 
