@@ -1,0 +1,429 @@
+"""The inference engine: an exported model folder (``dsmi export``) run by ONNX Runtime.
+
+No PyTorch here: NumPy, ONNX Runtime and the shared preprocessing of :mod:`model.preprocess`.
+The network is split where caching pays (see ``model/export.py``):
+
+- ``encode``: images -> conv5 maps (the trunk, once per image);
+- ``prepare_gallery`` / ``prepare_probe``: conv5 maps -> the per-image tensors the head needs
+  (the gallery side is what the service caches, through ``to_bytes`` / ``from_bytes``);
+- ``score``: one probe against any number of gallery items, streamed in batches of at most
+  ``batch_size`` items, so memory stays bounded whatever the gallery size.
+
+Providers: ``providers=None`` picks CUDA when ONNX Runtime lists it *and* a session really gets
+it (``onnxruntime-gpu`` lists it even where the CUDA libraries are missing), else the CPU. The
+environment variable ``DSMI_PROVIDERS`` (comma-separated, e.g. ``cpu`` or
+``CUDAExecutionProvider,CPUExecutionProvider``; ``cuda``/``cpu``/``tensorrt`` are accepted as
+short names) overrides the automatic choice when ``providers`` is not given.
+``Engine.providers`` is what ONNX Runtime really uses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from model.preprocess import ImageDecodeError, load_image_tensor
+
+__all__ = ["Engine", "ModelFolderError", "ImageDecodeError", "MANIFEST_FORMAT",
+           "MANIFEST_VERSION", "PROVIDERS_ENV", "CACHE_DTYPES", "MAPS_FIELD", "resolve_providers"]
+
+log = logging.getLogger(__name__)
+
+# Kept in step with model/export.py (which imports torch, so it is not imported here).
+MANIFEST_FORMAT = "dsmi-onnx"
+MANIFEST_VERSION = 1
+PROVIDERS_ENV = "DSMI_PROVIDERS"
+CACHE_DTYPES = ("float32", "float16")
+MAPS_FIELD = "maps"  # the conv5 map, storable through to_bytes / from_bytes like a field
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+_ALIASES = {"cuda": CUDA, "cpu": CPU, "tensorrt": "TensorrtExecutionProvider"}
+_REQUIRED_KEYS = {"model_id": str, "variant": str, "input_size": list, "mean": list,
+                  "std": list, "map_shape": list, "fields": list, "probe_fields": dict,
+                  "gallery_fields": dict, "graphs": dict, "files": dict}
+_GRAPHS = ("trunk_a", "trunk_b", "probe", "gallery", "head")
+# Providers that ONNX Runtime listed but could not start in this process (e.g. CUDA without its
+# libraries): not asked for again, so that each new engine does not log the same failure.
+_UNUSABLE: set[str] = set()
+
+
+class ModelFolderError(RuntimeError):
+    """The model folder is missing, incomplete, malformed or of another format."""
+
+
+def resolve_providers(providers: Sequence[str] | None = None) -> list[str]:
+    """The provider list to ask ONNX Runtime for: ``providers``, else ``$DSMI_PROVIDERS``,
+    else CUDA (when listed by ONNX Runtime) then CPU.
+
+    Names may be short (``cuda``, ``cpu``). Providers this ONNX Runtime build does not have are
+    dropped with a warning, and so are those that failed to start earlier in this process; the
+    CPU provider is always last, as the fallback.
+    """
+    if providers is None:
+        env = os.environ.get(PROVIDERS_ENV, "").strip()
+        if env:
+            providers = [p.strip() for p in env.split(",") if p.strip()]
+    available = ort.get_available_providers()
+    if providers is None:
+        providers = [CUDA] if CUDA in available else []
+    wanted = []
+    for name in providers:
+        name = _ALIASES.get(name.lower(), name)
+        if name not in available:
+            log.warning("ONNX Runtime provider %s is not available here (available: %s); "
+                        "ignoring it", name, ", ".join(available))
+        elif name in _UNUSABLE:
+            log.info("ONNX Runtime provider %s failed to start earlier; not asking again", name)
+        elif name not in wanted:
+            wanted.append(name)
+    if CPU in wanted:
+        wanted.remove(CPU)
+    return wanted + [CPU]
+
+
+def _shape(value, what: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, int) and v > 0 for v in value):
+        raise ModelFolderError(f"manifest: {what} must be a list of positive integers, "
+                               f"not {value!r}")
+    return tuple(value)
+
+
+class Engine:
+    """Loads an exported model folder and runs it with ONNX Runtime.
+
+    ``providers``: e.g. ``["CUDAExecutionProvider", "CPUExecutionProvider"]``, or ``None``
+    (``$DSMI_PROVIDERS``, else CUDA when usable, else CPU). ``batch_size``: most gallery items
+    per head call (and per gallery-side call). ``image_batch_size``: most images per trunk call
+    (default ``batch_size``; lower it for big trunks, whose activations grow with the batch).
+    ``cache_dtype``: dtype of the cacheable tensors that ``prepare_gallery`` returns and
+    ``to_bytes`` / ``from_bytes`` store (``"float16"`` halves the cache; scoring always runs in
+    float32). ``intra_op_threads``: ONNX Runtime's thread count (default: its own choice).
+    """
+
+    def __init__(self, model_dir: str | Path, providers: Sequence[str] | None = None,
+                 batch_size: int = 256, cache_dtype: str = "float32", warmup: bool = True,
+                 image_batch_size: int | None = None,
+                 intra_op_threads: int | None = None) -> None:
+        if cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache_dtype must be one of {CACHE_DTYPES}, not {cache_dtype!r}")
+        if int(batch_size) < 1 or (image_batch_size is not None and int(image_batch_size) < 1):
+            raise ValueError("batch sizes must be at least 1")
+        self.model_dir = Path(model_dir)
+        self.batch_size = int(batch_size)
+        self.image_batch_size = int(image_batch_size or batch_size)
+        self.cache_dtype = cache_dtype
+        self._cache_np = np.dtype(cache_dtype).newbyteorder("<")
+        self.manifest = self._read_manifest()
+        m = self.manifest
+        self.model_id: str = m["model_id"]
+        self.variant: str = m["variant"]
+        self.input_size: tuple[int, int] = _shape(m["input_size"], "input_size")
+        if len(self.input_size) != 2:
+            raise ModelFolderError(f"manifest: input_size must be (H, W), not {self.input_size}")
+        self.mean = tuple(float(v) for v in m["mean"])
+        self.std = tuple(float(v) for v in m["std"])
+        self.map_shape: tuple[int, ...] = _shape(m["map_shape"], "map_shape")
+        self.gallery_fields: tuple[str, ...] = tuple(m["fields"])
+        self.probe_spec = {f: _shape(m["probe_fields"].get(f), f"probe_fields.{f}")
+                           for f in self.gallery_fields}
+        self.gallery_spec: dict[str, tuple[tuple[int, ...], str]] = {
+            f: (_shape(m["gallery_fields"].get(f), f"gallery_fields.{f}"), cache_dtype)
+            for f in self.gallery_fields}
+        self.map_spec: tuple[tuple[int, ...], str] = (self.map_shape, cache_dtype)
+        self._sessions = self._open_sessions(providers, intra_op_threads)
+        self.providers: list[str] = list(self._sessions["head"].get_providers())
+        if warmup:
+            self.warmup()
+
+    # -- loading ---------------------------------------------------------------------------
+
+    def _read_manifest(self) -> dict:
+        if not self.model_dir.is_dir():
+            raise ModelFolderError(f"model folder not found: {self.model_dir}")
+        path = self.model_dir / "manifest.json"
+        if not path.is_file():
+            raise ModelFolderError(f"{self.model_dir} has no manifest.json: not an exported "
+                                   "model folder (write one with 'dsmi export')")
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelFolderError(f"{path} is not valid JSON: {exc}") from exc
+        if not isinstance(manifest, dict):
+            raise ModelFolderError(f"{path} must hold a JSON object")
+        fmt, version = manifest.get("format"), manifest.get("format_version")
+        if fmt != MANIFEST_FORMAT or version != MANIFEST_VERSION:
+            raise ModelFolderError(f"{path} is of format {fmt!r} version {version!r}; this "
+                                   f"engine reads {MANIFEST_FORMAT!r} version {MANIFEST_VERSION}")
+        for key, kind in _REQUIRED_KEYS.items():
+            if not isinstance(manifest.get(key), kind):
+                raise ModelFolderError(f"{path}: {key!r} missing or not a {kind.__name__}")
+        for key in _GRAPHS:
+            graph = manifest["graphs"].get(key)
+            if not isinstance(graph, dict) or not isinstance(graph.get("file"), str):
+                raise ModelFolderError(f"{path}: graphs.{key}.file missing")
+        if not manifest["fields"] or not all(isinstance(f, str) for f in manifest["fields"]):
+            raise ModelFolderError(f"{path}: 'fields' must be a non-empty list of names")
+        for file, size in manifest["files"].items():
+            target = self.model_dir / file
+            if Path(file).name != file:
+                raise ModelFolderError(f"{path}: file name {file!r} must not contain a path")
+            if not target.is_file():
+                raise ModelFolderError(f"{self.model_dir} is incomplete: {file} is missing")
+            if target.stat().st_size != size:
+                raise ModelFolderError(f"{target} has {target.stat().st_size} bytes, the "
+                                       f"manifest says {size}: truncated or replaced")
+        return manifest
+
+    def _open_sessions(self, providers: Sequence[str] | None,
+                       threads: int | None) -> dict[str, ort.InferenceSession]:
+        wanted = resolve_providers(providers)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        sessions: dict[str, ort.InferenceSession] = {}
+        opened: dict[str, ort.InferenceSession] = {}  # file -> session: trunk_b may be trunk_a
+        for key in _GRAPHS:
+            file = self.manifest["graphs"][key]["file"]
+            if file not in opened:
+                path = self.model_dir / file
+                if not path.is_file():
+                    raise ModelFolderError(f"{self.model_dir} is incomplete: {file} is missing")
+                try:
+                    session = ort.InferenceSession(str(path), options, providers=wanted)
+                except Exception as exc:  # ONNX Runtime raises its own types for bad files
+                    raise ModelFolderError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+                got = session.get_providers()
+                dropped = [p for p in wanted if p not in got]
+                if dropped:
+                    # Listed but unusable (e.g. onnxruntime-gpu without the CUDA libraries):
+                    # say so once and stop asking for it, instead of failing again per graph.
+                    log.warning("ONNX Runtime could not use %s; running on %s",
+                                ", ".join(dropped), ", ".join(got))
+                    wanted = [p for p in wanted if p in got]
+                    _UNUSABLE.update(dropped)
+                opened[file] = session
+            sessions[key] = opened[file]
+        self._check_graphs(sessions)
+        return sessions
+
+    def _check_graphs(self, sessions: dict[str, ort.InferenceSession]) -> None:
+        """The graphs' input and output names must be those the manifest's fields imply."""
+        fields = list(self.gallery_fields)
+        expected = {
+            "trunk_a": (["images"], ["maps"]), "trunk_b": (["images"], ["maps"]),
+            "probe": (["maps"], fields), "gallery": (["maps"], fields),
+            "head": ([f"probe_{f}" for f in fields] + [f"gallery_{f}" for f in fields],
+                     ["scores"]),
+        }
+        for key, (inputs, outputs) in expected.items():
+            s = sessions[key]
+            got_in = sorted(i.name for i in s.get_inputs())
+            got_out = sorted(o.name for o in s.get_outputs())
+            if got_in != sorted(inputs) or got_out != sorted(outputs):
+                raise ModelFolderError(
+                    f"{self.model_dir / self.manifest['graphs'][key]['file']}: inputs "
+                    f"{got_in} and outputs {got_out} do not match the manifest (expected "
+                    f"{sorted(inputs)} and {sorted(outputs)})")
+
+    def warmup(self) -> None:
+        """One small run of each graph: the first run allocates and picks kernels."""
+        images = np.zeros((1, 3, *self.input_size), np.float32)
+        maps = self.encode(images, "a")
+        if self._sessions["trunk_b"] is not self._sessions["trunk_a"]:
+            self.encode(images, "b")
+        probe = self.prepare_probe(maps)
+        gallery = self.prepare_gallery(np.concatenate([maps, maps]))
+        self.score(probe, [gallery])
+
+    @property
+    def cache_namespace(self) -> str:
+        """A key prefix for cached bytes: the model id and the stored dtype, so that caches
+        of different models, or of one model stored in float32 and float16, stay apart."""
+        return f"{self.model_id}-{self.cache_dtype}"
+
+    # -- images -----------------------------------------------------------------------------
+
+    def preprocess(self, data: bytes | str | Path) -> np.ndarray:
+        """Encoded image bytes or a path -> ``(3, H, W)`` float32, exactly as training does it
+        (:func:`model.preprocess.load_image_tensor`). Raises :class:`ImageDecodeError`."""
+        return load_image_tensor(data, self.input_size, self.mean, self.std)
+
+    def encode(self, images: np.ndarray, stream: str = "a") -> np.ndarray:
+        """``(B, 3, H, W)`` preprocessed images -> conv5 maps ``(B, C, K1, K2)`` float32, in
+        batches of ``image_batch_size``. ``stream``: ``"a"`` (probe) or ``"b"`` (gallery)."""
+        if stream not in ("a", "b"):
+            raise ValueError(f"stream must be 'a' or 'b', not {stream!r}")
+        images = np.asarray(images)
+        expected = (3, *self.input_size)
+        if images.ndim != 4 or images.shape[1:] != expected:
+            raise ValueError(f"images must have shape (B, {', '.join(map(str, expected))}), "
+                             f"not {images.shape}")
+        session = self._sessions[f"trunk_{stream}"]
+        parts = [session.run(None, {"images": np.ascontiguousarray(
+                     images[k:k + self.image_batch_size], np.float32)})[0]
+                 for k in range(0, len(images), self.image_batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, *self.map_shape), np.float32)
+
+    # -- per-image sides --------------------------------------------------------------------
+
+    def _check_maps(self, maps: np.ndarray) -> np.ndarray:
+        maps = np.asarray(maps)
+        if maps.ndim != 4 or maps.shape[1:] != self.map_shape:
+            raise ValueError(f"maps must have shape (B, {', '.join(map(str, self.map_shape))}), "
+                             f"not {maps.shape}")
+        return maps
+
+    def _side(self, key: str, maps: np.ndarray, dtype: np.dtype) -> dict[str, np.ndarray]:
+        maps = self._check_maps(maps)
+        session = self._sessions[key]
+        names = [o.name for o in session.get_outputs()]
+        parts: dict[str, list[np.ndarray]] = {f: [] for f in self.gallery_fields}
+        for k in range(0, len(maps), self.batch_size):
+            chunk = np.ascontiguousarray(maps[k:k + self.batch_size], np.float32)
+            for name, value in zip(names, session.run(names, {"maps": chunk}), strict=True):
+                parts[name].append(value.astype(dtype, copy=False))
+        spec = self.probe_spec if key == "probe" else {f: s for f, (s, _) in
+                                                        self.gallery_spec.items()}
+        return {f: np.concatenate(v) if v else np.zeros((0, *spec[f]), dtype)
+                for f, v in parts.items()}
+
+    def prepare_gallery(self, maps: np.ndarray) -> dict[str, np.ndarray]:
+        """conv5 maps ``(B, C, K1, K2)`` (stream B) -> ``{field: (B, *shape)}`` in
+        ``cache_dtype``: what the head needs from each gallery image (cacheable)."""
+        return self._side("gallery", maps, self._cache_np)
+
+    def prepare_probe(self, maps: np.ndarray) -> dict[str, np.ndarray]:
+        """conv5 maps ``(1, C, K1, K2)`` (stream A) -> ``{field: (1, *shape)}`` float32."""
+        return self._side("probe", maps, np.dtype(np.float32))
+
+    # -- scoring ----------------------------------------------------------------------------
+
+    def _probe_feed(self, probe: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feed = {}
+        for f, shape in self.probe_spec.items():
+            if f not in probe:
+                raise ValueError(f"probe lacks field {f!r} (needs {list(self.probe_spec)})")
+            value = np.asarray(probe[f])
+            if value.shape != (1, *shape):
+                raise ValueError(f"probe field {f!r} must have shape {(1, *shape)}, "
+                                 f"not {value.shape}: score takes one probe")
+            feed[f"probe_{f}"] = np.ascontiguousarray(value, np.float32)
+        return feed
+
+    def _gallery_batch(self, batch: Mapping[str, np.ndarray]) -> tuple[int, dict]:
+        arrays, n = {}, None
+        for f, (shape, _) in self.gallery_spec.items():
+            if f not in batch:
+                raise ValueError(f"gallery batch lacks field {f!r} "
+                                 f"(needs {list(self.gallery_spec)})")
+            value = np.asarray(batch[f])
+            if value.ndim != len(shape) + 1 or value.shape[1:] != shape:
+                raise ValueError(f"gallery field {f!r} must have shape (N, "
+                                 f"{', '.join(map(str, shape))}), not {value.shape}")
+            if n is not None and len(value) != n:
+                raise ValueError("gallery fields of one batch differ in length")
+            n = len(value)
+            arrays[f] = value
+        return n or 0, arrays
+
+    def score(self, probe: Mapping[str, np.ndarray],
+              gallery_batches: Iterable[Mapping[str, np.ndarray]] | Mapping[str, np.ndarray]
+              ) -> np.ndarray:
+        """One probe (``prepare_probe``'s output) against gallery items -> similarities
+        ``(N,)`` float32, in gallery order.
+
+        ``gallery_batches``: an iterable of batch dicts (``prepare_gallery`` or ``from_bytes``
+        output, float32 or float16), consumed lazily; one dict is taken as one batch. Each
+        batch is scored in chunks of at most ``batch_size`` items, so working memory depends
+        on ``batch_size``, not on the gallery size (plus 4 bytes of result per item).
+        """
+        feed = self._probe_feed(probe)
+        if isinstance(gallery_batches, Mapping):
+            gallery_batches = [gallery_batches]
+        head = self._sessions["head"]
+        parts = []
+        for batch in gallery_batches:
+            n, arrays = self._gallery_batch(batch)
+            for k in range(0, n, self.batch_size):
+                for f, value in arrays.items():
+                    feed[f"gallery_{f}"] = np.ascontiguousarray(value[k:k + self.batch_size],
+                                                                np.float32)
+                parts.append(head.run(["scores"], feed)[0])
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+    # -- cache bytes ------------------------------------------------------------------------
+
+    def _storable(self) -> dict[str, tuple[int, ...]]:
+        spec = {f: shape for f, (shape, _) in self.gallery_spec.items()}
+        spec[MAPS_FIELD] = self.map_shape
+        return spec
+
+    def to_bytes(self, item: Mapping[str, np.ndarray]) -> dict[str, bytes]:
+        """One gallery item (no batch axis) -> raw little-endian bytes per field, in
+        ``cache_dtype``. Fields: ``gallery_fields`` and ``"maps"`` (the conv5 map), any
+        subset. Raises ValueError for unknown fields, wrong shapes or values that the cache
+        dtype cannot hold (non-finite, or beyond float16's range)."""
+        storable = self._storable()
+        out = {}
+        for f, value in item.items():
+            if f not in storable:
+                raise ValueError(f"unknown field {f!r}; storable: {list(storable)}")
+            value = np.asarray(value)
+            if value.shape != storable[f]:
+                raise ValueError(f"field {f!r} of one item must have shape {storable[f]}, "
+                                 f"not {value.shape}")
+            stored = np.ascontiguousarray(value, self._cache_np)
+            if not np.isfinite(stored).all():
+                raise ValueError(f"field {f!r} has values that {self.cache_dtype} cannot hold")
+            out[f] = stored.tobytes()
+        return out
+
+    def from_bytes(self, items: Sequence[Mapping[str, bytes]]) -> dict[str, np.ndarray]:
+        """Several items' bytes (``to_bytes`` output) -> a batch dict ``{field: (n, *shape)}``
+        in ``cache_dtype``, ready for :meth:`score`.
+
+        Every item must hold every one of ``gallery_fields`` (``"maps"`` optional, but then in
+        every item). Raises ValueError, naming the item and field, for missing or unknown
+        fields, a byte count that does not match the field's shape, or non-finite values.
+        """
+        storable = self._storable()
+        items = list(items)
+        keys = set(items[0]) if items else set(self.gallery_fields)
+        missing = [f for f in self.gallery_fields if f not in keys]
+        unknown = sorted(keys - set(storable))
+        if missing or unknown:
+            raise ValueError(f"cached item 0 lacks {missing} or has unknown fields {unknown}")
+        out = {}
+        for f in [f for f in storable if f in keys]:
+            shape = storable[f]
+            size = math.prod(shape) * self._cache_np.itemsize
+            chunks = []
+            for k, item in enumerate(items):
+                if set(item) != keys:
+                    raise ValueError(f"cached item {k} has fields {sorted(item)}, item 0 "
+                                     f"has {sorted(keys)}")
+                data = item[f]
+                if not isinstance(data, (bytes, bytearray, memoryview)):
+                    raise ValueError(f"cached item {k}, field {f!r}: expected bytes, "
+                                     f"not {type(data).__name__}")
+                if len(data) != size:
+                    raise ValueError(f"cached item {k}, field {f!r}: {len(data)} bytes, "
+                                     f"expected {size} ({self.cache_dtype} {shape}); corrupt, "
+                                     "or stored by another model or cache dtype")
+                chunks.append(data)
+            array = np.frombuffer(b"".join(chunks), self._cache_np).reshape(len(items), *shape)
+            if not np.isfinite(array).all():
+                bad = int(np.flatnonzero(~np.isfinite(array).reshape(len(items), -1)
+                                         .all(axis=1))[0])
+                raise ValueError(f"cached item {bad}, field {f!r}: non-finite values; corrupt")
+            out[f] = array.astype(self._cache_np.newbyteorder("="), copy=False)
+        return out

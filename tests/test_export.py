@@ -1,0 +1,171 @@
+"""ONNX export (model/export.py): every small variant, checked, reproducing PyTorch's scores."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from model import build_model, list_variants
+from model.checkpoint import save_checkpoint
+from model.export import MANIFEST_FORMAT, export_model, model_id
+from training.cli import main as dsmi
+
+SMALL = [v for v in list_variants() if v.endswith("-small")]
+
+
+def _session(path):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="session", params=SMALL)
+def exported(request, tmp_path_factory):
+    torch.manual_seed(0)
+    net = build_model(request.param).eval()
+    out = tmp_path_factory.mktemp("export") / request.param
+    manifest = export_model(net, out)
+    return net, out, manifest
+
+
+def _run_graphs(out, manifest, images_a, images_b):
+    sessions = {k: _session(out / g["file"]) for k, g in manifest["graphs"].items()}
+    maps_a = sessions["trunk_a"].run(None, {"images": images_a})[0]
+    maps_b = sessions["trunk_b"].run(None, {"images": images_b})[0]
+    fields = manifest["fields"]
+    feed = dict(zip((f"probe_{f}" for f in fields),
+                    sessions["probe"].run(fields, {"maps": maps_a}), strict=True))
+    feed.update(zip((f"gallery_{f}" for f in fields),
+                    sessions["gallery"].run(fields, {"maps": maps_b}), strict=True))
+    return maps_a, maps_b, sessions["head"].run(None, feed)[0]
+
+
+def test_graphs_pass_the_onnx_checker(exported):
+    _, out, manifest = exported
+    for graph in manifest["graphs"].values():
+        onnx.checker.check_model(str(out / graph["file"]), full_check=True)
+
+
+def test_manifest_describes_the_model(exported):
+    net, out, manifest = exported
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert manifest["format"] == MANIFEST_FORMAT
+    assert manifest["variant"] == net.variant
+    assert manifest["model_id"] == model_id(net)
+    assert tuple(manifest["input_size"]) == net.input_size
+    assert manifest["opset"] == 17
+    with torch.no_grad():
+        maps = net.encode(torch.zeros(1, 3, *net.input_size))
+        feats = net.prepare_gallery(maps)
+    assert manifest["map_shape"] == list(maps.shape[1:])
+    assert manifest["fields"] == list(type(feats)._fields)
+    assert manifest["gallery_fields"] == {f: list(t.shape[1:]) for f, t in
+                                          zip(feats._fields, feats, strict=True)}
+    for file, size in manifest["files"].items():
+        assert (out / file).stat().st_size == size
+    separate = manifest["graphs"]["trunk_b"]["file"] != manifest["graphs"]["trunk_a"]["file"]
+    assert separate == (not net.shares_trunk)
+
+
+@pytest.mark.parametrize("n", [1, 2, 13])
+def test_onnx_scores_equal_pytorch(exported, n):
+    net, out, manifest = exported
+    images = torch.randn(n + 1, 3, *net.input_size, generator=torch.Generator().manual_seed(n))
+    with torch.no_grad():
+        maps_a, maps_b = net.encode(images[:1], "a"), net.encode(images[1:], "b")
+        expected = net.score(maps_a, maps_b).numpy()
+    got_a, got_b, scores = _run_graphs(out, manifest, images[:1].numpy(), images[1:].numpy())
+    assert scores.shape == (n,)
+    np.testing.assert_allclose(got_a, maps_a.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got_b, maps_b.numpy(), rtol=1e-4, atol=1e-4)
+    assert np.abs(scores - expected).max() < 1e-4
+
+
+def test_a_weight_shared_by_two_graphs_is_stored_once(tmp_path):
+    torch.manual_seed(0)
+    net = build_model("dsmi-small").eval()
+    manifest = export_model(net, tmp_path / "m")
+
+    def external(file):
+        model = onnx.load(str(tmp_path / "m" / file), load_external_data=False)
+        return {tuple((e.key, e.value) for e in t.external_data)
+                for t in model.graph.initializer if t.external_data}
+
+    probe, gallery = external("probe.onnx"), external("gallery.onnx")
+    # The FC of the two per-image sides is the same tensor: one record, read by both.
+    assert probe & gallery
+    fc_bytes = net.fc.weight.numel() * 4
+    stored = manifest["files"]["weights.bin"]
+    params = sum(p.numel() * 4 for p in net.parameters())
+    assert stored < params + fc_bytes  # FC weight once, not twice (plus the fused head)
+
+
+def test_model_id_follows_the_weights():
+    torch.manual_seed(0)
+    a = build_model("dsmi-small")
+    torch.manual_seed(0)
+    b = build_model("dsmi-small")
+    assert model_id(a) == model_id(b)
+    with torch.no_grad():
+        b.fc.bias[0] += 1e-3
+    assert model_id(a) != model_id(b)
+    # Equal weight shapes, another function (no sigmoid in the gate): another id.
+    torch.manual_seed(0)
+    linear = build_model("dsmi-small", fusion="gate-linear")
+    linear.load_state_dict(a.state_dict())
+    assert model_id(linear) != model_id(a)
+
+
+def test_checkpoint_exports_through_the_cli_with_the_weights_id(tmp_path, capsys):
+    torch.manual_seed(3)
+    net = build_model("dsmi-vggd-vggm-small")
+    ckpt = save_checkpoint(tmp_path / "c.pt", net, epoch=2)
+    assert dsmi(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "m")]) == 0
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert manifest["model_id"] == model_id(net)
+    assert manifest["variant"] == "dsmi-vggd-vggm-small"
+    assert "trunk_b.onnx" in manifest["files"]
+    assert "max |score difference|" in capsys.readouterr().out
+
+
+def test_cli_exports_a_random_variant_reproducibly(tmp_path):
+    for name in ("a", "b"):
+        assert dsmi(["export", "--variant", "fc-cnn-small", "--out", str(tmp_path / name),
+                     "--no-verify"]) == 0
+    ids = [json.loads((tmp_path / n / "manifest.json").read_text())["model_id"]
+           for n in ("a", "b")]
+    assert ids[0] == ids[1]  # seed 0 by default
+    assert dsmi(["export", "--variant", "fc-cnn-small", "--seed", "1", "--out",
+                 str(tmp_path / "c"), "--no-verify"]) == 0
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["model_id"] != ids[0]
+
+
+def test_failed_export_keeps_the_previous_folder(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    net = build_model("fc-cnn-small").eval()
+    out = tmp_path / "m"
+    first = export_model(net, out)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("model.export._externalise", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_model(net, out)
+    assert json.loads((out / "manifest.json").read_text()) == first
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no staging folder left behind
+
+
+def test_dynamo_exporter_also_reproduces_pytorch(tmp_path):
+    torch.manual_seed(0)
+    net = build_model("dsmi-small").eval()
+    manifest = export_model(net, tmp_path / "m", opset=18, exporter="dynamo")
+    assert manifest["exporter"] == "torch.onnx.export(dynamo=True)"
+    images = torch.randn(6, 3, *net.input_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = net.score(net.encode(images[:1]), net.encode(images[1:], "b")).numpy()
+    *_, scores = _run_graphs(tmp_path / "m", manifest, images[:1].numpy(), images[1:].numpy())
+    assert np.abs(scores - expected).max() < 1e-4
