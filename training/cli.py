@@ -17,7 +17,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("training.evaluate", "CMC/mAP of a checkpoint or baseline on a re-id test set"),
     "variants": ("training.variants_cmd", "list the model variants with their sizes"),
     "export": ("model.export", "export a checkpoint or variant to ONNX for the service"),
-    "export": ("model.export", "export a checkpoint or variant to ONNX for the service"),
     "serve": ("service.cli", "run the matching service (FastAPI, ONNX Runtime, Redis cache)"),
 }
 
