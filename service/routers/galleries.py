@@ -1,0 +1,174 @@
+"""Gallery resources: upload images, list, get, delete."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import APIRouter, Depends, Query
+
+from ..deps import get_engine, get_metrics, get_settings, get_store
+from ..errors import ServiceError
+from ..matching import gallery_blobs, read_image
+from ..metrics import ServiceMetrics
+from ..schemas import (
+    DeletedGallery,
+    DeletedImage,
+    GalleryImage,
+    GalleryList,
+    GallerySummary,
+    ImageList,
+    UploadForm,
+    UploadResponse,
+)
+from ..settings import Settings
+from ..store import GalleryItem, GalleryStore, NewItem, new_image_id
+from .common import MULTIPART, GalleryName, ImageId, errors
+
+if TYPE_CHECKING:
+    from ..engine import Engine
+
+router = APIRouter(prefix="/v1/galleries", tags=["galleries"])
+
+_FILENAME_MAX = 255
+_OFFSET_MAX = 2**31 - 1
+
+
+def _not_found(gallery: str) -> ServiceError:
+    return ServiceError(404, "gallery_not_found", f"no gallery named {gallery!r}",
+                        details={"gallery": gallery})
+
+
+def _parse_metadata(values: list[str] | None, n: int, max_bytes: int) -> list[dict[str, Any]]:
+    """``metadata`` form values -> one dict per image (see :class:`UploadForm`)."""
+    if not values:
+        return [{} for _ in range(n)]
+    parsed = []
+    for k, text in enumerate(values):
+        try:
+            parsed.append(json.loads(text))
+        except ValueError as exc:
+            raise ServiceError(422, "invalid_metadata", f"metadata[{k}] is not valid JSON: {exc}",
+                               details={"index": k}) from exc
+    if len(parsed) == 1 and isinstance(parsed[0], list):
+        parsed = parsed[0]
+        if len(parsed) != n:
+            raise ServiceError(422, "invalid_metadata",
+                               f"metadata array has {len(parsed)} entries for {n} images")
+    elif len(parsed) == 1:
+        parsed = parsed * n
+    elif len(parsed) != n:
+        raise ServiceError(422, "invalid_metadata",
+                           f"{len(parsed)} metadata values for {n} images: give one JSON "
+                           "object for all images or one per image")
+    for k, entry in enumerate(parsed):
+        if not isinstance(entry, dict):
+            raise ServiceError(422, "invalid_metadata",
+                               f"metadata for image {k} must be a JSON object, not "
+                               f"{type(entry).__name__}", details={"index": k})
+        size = len(json.dumps(entry))
+        if size > max_bytes:
+            raise ServiceError(422, "invalid_metadata",
+                               f"metadata for image {k} is {size} bytes; at most {max_bytes}",
+                               details={"index": k})
+    return [dict(entry) for entry in parsed]
+
+
+@router.get("", response_model=GalleryList, summary="List the galleries",
+            responses=errors(401, 503))
+def list_galleries(engine: Engine = Depends(get_engine),
+                   store: GalleryStore = Depends(get_store)) -> GalleryList:
+    return GalleryList(model_id=engine.model_id,
+                       galleries=[GallerySummary(name=n, size=s)
+                                  for n, s in store.list_galleries().items()])
+
+
+@router.post("/{gallery}/images", status_code=201, response_model=UploadResponse,
+             summary="Upload gallery images", responses=errors(400, 401, 413, 415, 422, 503))
+def upload_images(gallery: GalleryName, form: Annotated[UploadForm, MULTIPART],
+                  engine: Engine = Depends(get_engine),
+                  store: GalleryStore = Depends(get_store),
+                  settings: Settings = Depends(get_settings),
+                  metrics: ServiceMetrics = Depends(get_metrics)) -> UploadResponse:
+    """Store one or many images in a gallery (created if new), all or nothing: if any file
+    is bad, nothing of the upload is stored and the error names the file.
+
+    Each image needs a `person_id` and a `camera_id` (repeated in the images' order)."""
+    n = len(form.images)
+    if n > settings.max_images_per_upload:
+        raise ServiceError(413, "too_many_images",
+                           f"{n} images in one upload; at most {settings.max_images_per_upload}")
+    if len(form.person_id) != n or len(form.camera_id) != n:
+        raise ServiceError(422, "field_count_mismatch",
+                           f"{n} images but {len(form.person_id)} person_id and "
+                           f"{len(form.camera_id)} camera_id values: give one of each per "
+                           "image, in the same order")
+    metadata = _parse_metadata(form.metadata, n, settings.max_metadata_bytes)
+    decoded = []
+    for k, upload in enumerate(form.images):
+        data = upload.file.read(settings.max_image_bytes + 1)
+        decoded.append(read_image(data, engine, settings.max_image_bytes, settings.max_pixels,
+                                  upload.filename, k))
+    blobs = gallery_blobs(engine, [d.tensor for d in decoded],
+                          [upload.filename for upload in form.images])
+    items = [GalleryItem(image_id=new_image_id(), person_id=pid, camera_id=cam,
+                         metadata=meta, width=d.width, height=d.height,
+                         filename=(upload.filename or None) and upload.filename[:_FILENAME_MAX])
+             for upload, pid, cam, meta, d in zip(form.images, form.person_id, form.camera_id,
+                                                  metadata, decoded, strict=True)]
+    size = store.add_items(gallery, [NewItem(i, b) for i, b in zip(items, blobs, strict=True)])
+    metrics.images_stored.inc(n)
+    return UploadResponse(gallery=gallery, model_id=engine.model_id, count=n,
+                          gallery_size=size, images=[GalleryImage.from_item(i) for i in items])
+
+
+@router.get("/{gallery}/images", response_model=ImageList, summary="List a gallery's images",
+            responses=errors(401, 404, 422, 503))
+def list_images(gallery: GalleryName,
+                offset: Annotated[int, Query(ge=0, le=_OFFSET_MAX)] = 0,
+                limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                store: GalleryStore = Depends(get_store)) -> ImageList:
+    """The gallery's images in upload order, `limit` at a time from `offset`."""
+    listed = store.list_items(gallery, offset, limit)
+    if listed is None:
+        raise _not_found(gallery)
+    total, items = listed
+    return ImageList(gallery=gallery, total=total, offset=offset, limit=limit,
+                     images=[GalleryImage.from_item(i) for i in items])
+
+
+@router.get("/{gallery}/images/{image_id}", response_model=GalleryImage,
+            summary="Get one image's metadata", responses=errors(401, 404, 422, 503))
+def get_image(gallery: GalleryName, image_id: ImageId,
+              store: GalleryStore = Depends(get_store)) -> GalleryImage:
+    item = store.get_item(gallery, image_id)
+    if item is None:
+        if store.gallery_size(gallery) is None:
+            raise _not_found(gallery)
+        raise ServiceError(404, "image_not_found",
+                           f"no image {image_id} in gallery {gallery!r}",
+                           details={"gallery": gallery, "image_id": image_id})
+    return GalleryImage.from_item(item)
+
+
+@router.delete("/{gallery}/images/{image_id}", response_model=DeletedImage,
+               summary="Delete one image", responses=errors(401, 404, 422, 503))
+def delete_image(gallery: GalleryName, image_id: ImageId,
+                 store: GalleryStore = Depends(get_store)) -> DeletedImage:
+    if not store.delete_item(gallery, image_id):
+        if store.gallery_size(gallery) is None:
+            raise _not_found(gallery)
+        raise ServiceError(404, "image_not_found",
+                           f"no image {image_id} in gallery {gallery!r}",
+                           details={"gallery": gallery, "image_id": image_id})
+    return DeletedImage(gallery=gallery, image_id=image_id)
+
+
+@router.delete("/{gallery}", response_model=DeletedGallery,
+               summary="Delete a gallery and its images", responses=errors(401, 404, 422, 503))
+def delete_gallery(gallery: GalleryName,
+                   store: GalleryStore = Depends(get_store)) -> DeletedGallery:
+    deleted = store.delete_gallery(gallery)
+    if deleted is None:
+        raise _not_found(gallery)
+    return DeletedGallery(gallery=gallery, deleted_images=deleted)

@@ -1,0 +1,75 @@
+"""Query a gallery with a probe image: the gallery ranked by DSMI similarity."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Annotated
+
+from fastapi import APIRouter, Depends
+
+from ..deps import get_engine, get_metrics, get_settings, get_store
+from ..errors import ServiceError
+from ..matching import encode_probe, rank_gallery, read_image
+from ..metrics import ServiceMetrics
+from ..schemas import QueryForm, QueryResponse, QueryResult, QueryTimings
+from ..settings import Settings
+from ..store import GalleryItem, GalleryStore
+from .common import MULTIPART, GalleryName, errors
+
+if TYPE_CHECKING:
+    from ..engine import Engine
+
+router = APIRouter(prefix="/v1/galleries", tags=["query"])
+
+
+def _camera_filter(form: QueryForm):
+    only = set(form.cameras) if form.cameras else None
+    excluded = set(form.exclude_cameras or ())
+    if form.exclude_same_camera:
+        excluded.add(form.camera_id)
+
+    def accept(item: GalleryItem) -> bool:
+        return item.camera_id not in excluded and (only is None or item.camera_id in only)
+
+    return accept
+
+
+@router.post("/{gallery}/query", response_model=QueryResponse, summary="Rank a gallery",
+             responses=errors(400, 401, 404, 413, 415, 422, 503))
+def query_gallery(gallery: GalleryName, form: Annotated[QueryForm, MULTIPART],
+                  engine: Engine = Depends(get_engine),
+                  store: GalleryStore = Depends(get_store),
+                  settings: Settings = Depends(get_settings),
+                  metrics: ServiceMetrics = Depends(get_metrics)) -> QueryResponse:
+    """Score the probe `image` against the gallery and return the `top_k` best matches,
+    best first, with the time spent encoding the probe, fetching and scoring the gallery.
+
+    Filters: `exclude_same_camera` (with the probe's `camera_id`) leaves out the probe's own
+    camera, `cameras` keeps only those cameras, `exclude_cameras` leaves those out."""
+    start = time.perf_counter()
+    if form.exclude_same_camera and form.camera_id is None:
+        raise ServiceError(422, "validation_error",
+                           "exclude_same_camera needs the probe's camera_id")
+    size = store.gallery_size(gallery)
+    if size is None:
+        raise ServiceError(404, "gallery_not_found", f"no gallery named {gallery!r}",
+                           details={"gallery": gallery})
+    data = form.image.file.read(settings.max_image_bytes + 1)
+    decoded = read_image(data, engine, settings.max_image_bytes, settings.max_pixels,
+                         form.image.filename)
+    probe = encode_probe(engine, decoded.tensor)
+    encode_s = time.perf_counter() - start
+    outcome = rank_gallery(engine, store, gallery, probe, form.top_k, _camera_filter(form),
+                           metrics)
+    total_s = time.perf_counter() - start
+    for stage, seconds in (("encode", encode_s), ("fetch", outcome.fetch_s),
+                           ("score", outcome.score_s)):
+        metrics.query_stage.labels(stage).observe(seconds)
+    results = [QueryResult(rank=r, image_id=item.image_id, person_id=item.person_id,
+                           camera_id=item.camera_id, score=score)
+               for r, (item, score) in enumerate(outcome.ranked, start=1)]
+    return QueryResponse(
+        gallery=gallery, model_id=engine.model_id, top_k=form.top_k, gallery_size=size,
+        scored=outcome.scored, results=results,
+        timings=QueryTimings(encode_ms=1e3 * encode_s, fetch_ms=1e3 * outcome.fetch_s,
+                             score_ms=1e3 * outcome.score_s, total_ms=1e3 * total_s))

@@ -1,0 +1,165 @@
+"""Request and response bodies of the matching service (pydantic models)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import UploadFile
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from .store import GalleryItem
+
+__all__ = ["GALLERY_PATTERN", "IMAGE_ID_PATTERN", "LABEL_MAX", "TOP_K_MAX", "ErrorBody",
+           "ErrorResponse", "GalleryImage", "UploadResponse", "ImageList", "DeletedImage",
+           "DeletedGallery", "GallerySummary", "GalleryList", "QueryResult", "QueryTimings",
+           "QueryResponse", "Health", "Readiness", "UploadForm", "QueryForm"]
+
+# Gallery names go into store keys and URLs: a conservative alphabet.
+GALLERY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+IMAGE_ID_PATTERN = r"^[0-9a-f]{32}$"
+LABEL_MAX = 128   # longest person_id / camera_id
+TOP_K_MAX = 1000
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="Stable machine-readable error code", examples=["not_found"])
+    message: str = Field(description="What went wrong and what to fix")
+    details: Any = Field(None, description="Structured context (field errors, file name, ...)")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error response."""
+
+    error: ErrorBody
+
+
+class GalleryImage(BaseModel):
+    """A stored gallery image's description."""
+
+    image_id: str = Field(description="Id given by the service (32 hex digits)")
+    person_id: str
+    camera_id: str
+    filename: str | None = Field(None, description="The uploaded file's name")
+    width: int | None = Field(None, description="Width of the upright image in pixels")
+    height: int | None = Field(None, description="Height of the upright image in pixels")
+    metadata: dict[str, Any] = Field(default_factory=dict,
+                                     description="Free metadata given at upload")
+    created_at: datetime
+
+    @classmethod
+    def from_item(cls, item: GalleryItem) -> GalleryImage:
+        return cls(image_id=item.image_id, person_id=item.person_id, camera_id=item.camera_id,
+                   filename=item.filename, width=item.width, height=item.height,
+                   metadata=item.metadata,
+                   created_at=datetime.fromtimestamp(item.created_at, tz=UTC))
+
+
+class UploadResponse(BaseModel):
+    gallery: str
+    model_id: str
+    count: int = Field(description="Images stored by this request")
+    gallery_size: int = Field(description="Images in the gallery afterwards")
+    images: list[GalleryImage] = Field(description="The stored images, in upload order")
+
+
+class ImageList(BaseModel):
+    gallery: str
+    total: int = Field(description="Images in the gallery")
+    offset: int
+    limit: int
+    images: list[GalleryImage]
+
+
+class DeletedImage(BaseModel):
+    gallery: str
+    image_id: str
+    deleted: bool = True
+
+
+class DeletedGallery(BaseModel):
+    gallery: str
+    deleted_images: int
+
+
+class GallerySummary(BaseModel):
+    name: str
+    size: int
+
+
+class GalleryList(BaseModel):
+    model_id: str
+    galleries: list[GallerySummary]
+
+
+class QueryResult(BaseModel):
+    rank: int = Field(description="1 for the best match")
+    image_id: str
+    person_id: str
+    camera_id: str
+    score: float = Field(description="DSMI similarity (cosine, -1 to 1; higher is closer)")
+
+
+class QueryTimings(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"description": "Milliseconds per stage"})
+
+    encode_ms: float = Field(description="Decoding, preprocessing and encoding the probe")
+    fetch_ms: float = Field(description="Reading the gallery from the store")
+    score_ms: float = Field(description="Scoring the probe against the gallery")
+    total_ms: float
+
+
+class QueryResponse(BaseModel):
+    gallery: str
+    model_id: str
+    top_k: int
+    gallery_size: int = Field(description="Images in the gallery when the query ran")
+    scored: int = Field(description="Gallery images scored (after the filters)")
+    results: list[QueryResult] = Field(description="Best first")
+    timings: QueryTimings
+
+
+class Health(BaseModel):
+    status: str = "ok"
+
+
+class Readiness(BaseModel):
+    status: str = "ready"
+    model_id: str
+    variant: str
+    providers: list[str]
+    store: str = Field(description="redis or memory")
+    persistent: bool = Field(description="Whether galleries survive a restart")
+    warnings: list[str] = Field(default_factory=list)
+
+
+# -- multipart forms --------------------------------------------------------------------------
+
+Label = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1,
+                                         max_length=LABEL_MAX)]
+
+
+class UploadForm(BaseModel):
+    """``POST /v1/galleries/{gallery}/images``: one or many images with their labels."""
+
+    images: list[UploadFile] = Field(
+        description="Image files (JPEG, PNG, BMP, WEBP, TIFF, GIF, PPM), repeated")
+    person_id: list[Label] = Field(description="Person id of each image, in the same order")
+    camera_id: list[Label] = Field(description="Camera id of each image, in the same order")
+    metadata: list[str] | None = Field(
+        None, description="Free metadata as JSON: one object for all images, one object per "
+                          "image (repeated, in order), or one array of objects")
+
+
+class QueryForm(BaseModel):
+    """``POST /v1/galleries/{gallery}/query``: a probe image and how to rank."""
+
+    image: UploadFile = Field(description="The probe image")
+    top_k: int = Field(10, ge=1, le=TOP_K_MAX, description="How many matches to return")
+    camera_id: Label | None = Field(None, description="The probe's camera")
+    exclude_same_camera: bool = Field(
+        False, description="Leave out gallery images from the probe's camera (needs camera_id)")
+    cameras: list[Label] | None = Field(None, description="Only gallery images from these "
+                                                          "cameras (repeated)")
+    exclude_cameras: list[Label] | None = Field(None, description="Leave out gallery images "
+                                                                  "from these cameras")

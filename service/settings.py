@@ -1,0 +1,112 @@
+"""Service configuration: environment variables ``DSMI_*``, optionally a config file.
+
+Precedence, highest first: keyword arguments, environment variables, the file named by
+``DSMI_CONFIG`` (YAML ``.yaml``/``.yml``, TOML ``.toml``, anything else is read as a ``.env``
+file of ``DSMI_*`` lines), the defaults below. YAML and TOML files use the field names
+(``redis_url: redis://...``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
+
+__all__ = ["Settings", "DEFAULT_MODEL_DIR", "CONFIG_ENV"]
+
+# The bundled trained model, used when DSMI_MODEL_DIR is not set.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+CONFIG_ENV = "DSMI_CONFIG"
+
+MiB = 1024 * 1024
+
+
+def _split_list(value: object) -> object:
+    # "a,b , c" in an environment variable; a list as is from YAML/TOML or keyword arguments.
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set. Each field is ``DSMI_<NAME>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="DSMI_", extra="ignore",
+                                      protected_namespaces=())
+
+    model_dir: Path | None = Field(
+        None, description="Exported model folder (dsmi export); default: the bundled model "
+                          "in service/default_model")
+    redis_url: str | None = Field(
+        None, description="Redis URL of the gallery cache; unset: an in-process store that "
+                          "keeps nothing across restarts")
+    redis_prefix: str = Field("dsmi:", min_length=1,
+                              description="Key prefix; keys are <prefix><model id>:...")
+    redis_socket_timeout: float = Field(5.0, gt=0)
+    redis_connect_timeout: float = Field(2.0, gt=0)
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated API keys; when set, every /v1 "
+                                          "route needs one (X-API-Key or Bearer)")
+    max_upload_bytes: int = Field(64 * MiB, gt=0, description="Most bytes in one request body")
+    max_image_bytes: int = Field(10 * MiB, gt=0, description="Most bytes in one image file")
+    max_images_per_upload: int = Field(256, gt=0)
+    max_pixels: int = Field(16_000_000, gt=0,
+                            description="Most pixels in one image (decompression bombs)")
+    max_metadata_bytes: int = Field(16 * 1024, gt=0, description="Most bytes of metadata JSON "
+                                                                 "per image")
+    score_batch: int = Field(256, gt=0, description="Gallery items fetched and scored at once")
+    cache_dtype: Literal["float32", "float16"] = "float32"
+    providers: Annotated[list[str] | None, NoDecode] = Field(
+        None, description="ONNX Runtime execution providers, comma-separated; default: the "
+                          "engine's choice (CUDA when available, else CPU)")
+    warmup: bool = True
+    log_level: str = "info"
+
+    @field_validator("api_keys", "providers", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return _split_list(value)
+
+    @field_validator("providers")
+    @classmethod
+    def _empty_providers_is_default(cls, value: list[str] | None) -> list[str] | None:
+        return value or None
+
+    @property
+    def resolved_model_dir(self) -> Path:
+        return Path(self.model_dir) if self.model_dir is not None else DEFAULT_MODEL_DIR
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
+                                   init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config = os.environ.get(CONFIG_ENV)
+        if config:
+            sources.append(_file_source(settings_cls, Path(config)))
+        return tuple(sources)
+
+
+def _file_source(settings_cls: type[BaseSettings], path: Path) -> PydanticBaseSettingsSource:
+    if not path.is_file():
+        raise FileNotFoundError(f"{CONFIG_ENV}={path}: no such config file")
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        return YamlConfigSettingsSource(settings_cls, yaml_file=path)
+    if suffix == ".toml":
+        return TomlConfigSettingsSource(settings_cls, toml_file=path)
+    return DotEnvSettingsSource(settings_cls, env_file=path)

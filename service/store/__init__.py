@@ -1,0 +1,16 @@
+"""Gallery stores: Redis for real use, an in-process one for trying things out."""
+
+from .base import (
+    Chunk,
+    GalleryItem,
+    GalleryStore,
+    NewItem,
+    StoreError,
+    StoreUnavailable,
+    new_image_id,
+)
+from .memory_store import MemoryGalleryStore
+from .redis_store import RedisGalleryStore
+
+__all__ = ["Chunk", "GalleryItem", "GalleryStore", "NewItem", "StoreError", "StoreUnavailable",
+           "new_image_id", "MemoryGalleryStore", "RedisGalleryStore"]

@@ -1,0 +1,258 @@
+"""The gallery store in Redis.
+
+Keys, all under ``{prefix}{namespace}:`` (the namespace is the model id, so that the
+activations of two models never mix):
+
+- ``galleries``: set of gallery names;
+- ``seq``: counter giving each stored item its insertion number;
+- ``g:{gallery}``: sorted set of the gallery's image ids, scored by insertion number;
+- ``i:{gallery}:{image_id}``: hash with ``meta`` (the item's JSON description) and one
+  ``b:{field}`` entry per blob (the conv5 map, the engine's cached gallery tensors);
+- ``trash:{uuid}``: a deleted gallery's id set while its items are being removed.
+
+An upload is one MULTI/EXEC transaction. A scan walks the sorted set by insertion number
+(a cursor that concurrent writes cannot shift) and fetches each chunk's hashes in one
+pipeline. ``clear`` deletes only keys under the store's own prefix and namespace.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from .base import Chunk, GalleryItem, NewItem, StoreUnavailable, checked_blobs
+
+__all__ = ["RedisGalleryStore"]
+
+log = logging.getLogger(__name__)
+
+_META = b"meta"
+_DRAIN_CHUNK = 500
+
+
+def _blob_key(field: str) -> bytes:
+    return b"b:" + field.encode()
+
+
+def _describe(url: str) -> str:
+    # Never put a password into logs or error messages.
+    return re.sub(r"//[^@/]*@", "//***@", url)
+
+
+@contextmanager
+def _guard(what: str, url: str):
+    try:
+        yield
+    except redis.RedisError as exc:
+        raise StoreUnavailable(f"redis at {_describe(url)} failed to {what}: "
+                               f"{type(exc).__name__}: {exc}") from exc
+
+
+class RedisGalleryStore:
+    """Galleries in Redis under ``prefix + namespace + ":"``.
+
+    ``url``: a ``redis://`` URL (a database number in its path picks the database);
+    ``client``: an existing client instead (the URL is then only used in messages).
+    """
+
+    kind = "redis"
+    persistent = True
+
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", namespace: str = "default",
+                 prefix: str = "dsmi:", socket_timeout: float = 5.0,
+                 connect_timeout: float = 2.0, client: redis.Redis | None = None) -> None:
+        if not namespace or not prefix:
+            raise ValueError("prefix and namespace must not be empty")
+        self.url = url
+        self.namespace = namespace
+        self.prefix = prefix
+        self._base = f"{prefix}{namespace}:".encode()
+        self._owns_client = client is None
+        # Few, quick retries: a dead server must turn into a 503 in about a second, and the
+        # pool reconnects by itself on the next command once the server is back.
+        self.client = client or redis.Redis.from_url(
+            url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
+            retry=Retry(ExponentialBackoff(cap=0.25, base=0.05), retries=1),
+            health_check_interval=15)
+
+    # -- keys ---------------------------------------------------------------------------
+    def _key(self, *parts: str) -> bytes:
+        return self._base + ":".join(parts).encode()
+
+    def _galleries_key(self) -> bytes:
+        return self._key("galleries")
+
+    def _ids_key(self, gallery: str) -> bytes:
+        return self._key("g", gallery)
+
+    def _item_key(self, gallery: str, image_id: str | bytes) -> bytes:
+        if isinstance(image_id, bytes):
+            image_id = image_id.decode()
+        return self._key("i", gallery, image_id)
+
+    def _guard(self, what: str):
+        return _guard(what, self.url)
+
+    # -- contract -----------------------------------------------------------------------
+    def ping(self) -> None:
+        with self._guard("answer PING"):
+            self.client.ping()
+
+    def add_items(self, gallery: str, items: Sequence[NewItem]) -> int:
+        blobs = checked_blobs(items)
+        with self._guard("store the upload"):
+            if not items:
+                return self.gallery_size(gallery) or 0
+            last = self.client.incrby(self._key("seq"), len(items))
+            first = last - len(items) + 1
+            pipe = self.client.pipeline(transaction=True)
+            pipe.sadd(self._galleries_key(), gallery)
+            pipe.zadd(self._ids_key(gallery),
+                      {new.item.image_id: first + k for k, new in enumerate(items)})
+            for new, item_blobs in zip(items, blobs, strict=True):
+                mapping = {_META: new.item.to_json()}
+                mapping.update({_blob_key(f): v for f, v in item_blobs.items()})
+                pipe.hset(self._item_key(gallery, new.item.image_id), mapping=mapping)
+            pipe.zcard(self._ids_key(gallery))
+            return int(pipe.execute()[-1])
+
+    def gallery_size(self, gallery: str) -> int | None:
+        with self._guard("read the gallery size"):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.sismember(self._galleries_key(), gallery)
+            pipe.zcard(self._ids_key(gallery))
+            exists, size = pipe.execute()
+        return int(size) if exists else None
+
+    def list_galleries(self) -> dict[str, int]:
+        with self._guard("list the galleries"):
+            names = sorted(n.decode() for n in self.client.smembers(self._galleries_key()))
+            pipe = self.client.pipeline(transaction=False)
+            for name in names:
+                pipe.zcard(self._ids_key(name))
+            sizes = pipe.execute() if names else []
+        return dict(zip(names, (int(s) for s in sizes), strict=True))
+
+    def list_items(self, gallery: str, offset: int, limit: int
+                   ) -> tuple[int, list[GalleryItem]] | None:
+        with self._guard("list the gallery"):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.sismember(self._galleries_key(), gallery)
+            pipe.zcard(self._ids_key(gallery))
+            pipe.zrange(self._ids_key(gallery), offset, offset + limit - 1)
+            exists, total, ids = pipe.execute()
+            if not exists:
+                return None
+            pipe = self.client.pipeline(transaction=False)
+            for image_id in ids:
+                pipe.hget(self._item_key(gallery, image_id), _META)
+            metas = pipe.execute() if ids else []
+        return int(total), [GalleryItem.from_json(m) for m in metas if m is not None]
+
+    def get_item(self, gallery: str, image_id: str) -> GalleryItem | None:
+        with self._guard("read the item"):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zscore(self._ids_key(gallery), image_id)
+            pipe.hget(self._item_key(gallery, image_id), _META)
+            listed, meta = pipe.execute()
+        return GalleryItem.from_json(meta) if listed is not None and meta is not None else None
+
+    def get_blobs(self, gallery: str, image_id: str, fields: Sequence[str]
+                  ) -> dict[str, bytes] | None:
+        with self._guard("read the item"):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zscore(self._ids_key(gallery), image_id)
+            pipe.hmget(self._item_key(gallery, image_id), [_blob_key(f) for f in fields])
+            listed, values = pipe.execute()
+        if listed is None:
+            return None
+        return {f: v for f, v in zip(fields, values, strict=True) if v is not None}
+
+    def delete_item(self, gallery: str, image_id: str) -> bool:
+        with self._guard("delete the item"):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.zrem(self._ids_key(gallery), image_id)
+            pipe.delete(self._item_key(gallery, image_id))
+            removed, _ = pipe.execute()
+        return bool(removed)
+
+    def delete_gallery(self, gallery: str) -> int | None:
+        ids_key = self._ids_key(gallery)
+        trash = self._key("trash", uuid.uuid4().hex)
+
+        def detach(pipe: redis.client.Pipeline) -> tuple[bool, int]:
+            exists = pipe.sismember(self._galleries_key(), gallery)
+            size = pipe.zcard(ids_key)
+            pipe.multi()
+            pipe.srem(self._galleries_key(), gallery)
+            if size:
+                pipe.rename(ids_key, trash)
+            return bool(exists), int(size)
+
+        with self._guard("delete the gallery"):
+            # The gallery disappears at once (one transaction moves its id set aside); its
+            # item hashes are removed afterwards, a chunk at a time.
+            exists, size = self.client.transaction(detach, ids_key, value_from_callable=True)
+            if size:
+                self._drain(gallery, trash)
+        return size if exists else None
+
+    def _drain(self, gallery: str, ids_key: bytes) -> None:
+        while True:
+            ids = self.client.zrange(ids_key, 0, _DRAIN_CHUNK - 1)
+            if not ids:
+                break
+            pipe = self.client.pipeline(transaction=False)
+            pipe.unlink(*(self._item_key(gallery, i) for i in ids))
+            pipe.zrem(ids_key, *ids)
+            pipe.execute()
+        self.client.delete(ids_key)
+
+    def iter_chunks(self, gallery: str, fields: Sequence[str], chunk_size: int
+                    ) -> Iterator[Chunk]:
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be at least 1")
+        wanted = [_META] + [_blob_key(f) for f in fields]
+        cursor: str | float = "-inf"
+        while True:
+            with self._guard("read the gallery"):
+                rows = self.client.zrange(self._ids_key(gallery), cursor, "+inf", byscore=True,
+                                          offset=0, num=chunk_size, withscores=True)
+                if not rows:
+                    return
+                pipe = self.client.pipeline(transaction=False)
+                for image_id, _ in rows:
+                    pipe.hmget(self._item_key(gallery, image_id), wanted)
+                values = pipe.execute()
+            chunk: Chunk = []
+            for row in values:
+                if row[0] is None:  # deleted since the id was read
+                    continue
+                blobs = {f: v for f, v in zip(fields, row[1:], strict=True) if v is not None}
+                chunk.append((GalleryItem.from_json(row[0]), blobs))
+            if chunk:
+                yield chunk
+            cursor = f"({int(rows[-1][1])}"
+
+    def clear(self) -> None:
+        pattern = re.sub(rb"([*?\[\]\\])", rb"\\\1", self._base) + b"*"
+        with self._guard("clear the namespace"):
+            batch: list[bytes] = []
+            for key in self.client.scan_iter(match=pattern, count=1000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    self.client.unlink(*batch)
+                    batch.clear()
+            if batch:
+                self.client.unlink(*batch)
+
+    def close(self) -> None:
+        if self._owns_client:
+            self.client.close()
