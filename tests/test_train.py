@@ -1,40 +1,15 @@
 """Training end to end on a tiny generated dataset: logs, checkpoints, resume, Ctrl-C, report."""
 
-import csv
 import json
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from model.checkpoint import load_checkpoint
 from training.cli import main
 from training.config import load_config
 from training.train import Trainer
-
-
-@pytest.fixture(scope="module")
-def tiny_manifest(tmp_path_factory):
-    """16 people, 2 cameras, 3 images each per camera; each person has its own colours."""
-    root = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(0)
-    rows = []
-    for pid in range(16):
-        top, bottom = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
-        for cam in (1, 2):
-            for k in range(3):
-                img = np.zeros((96, 48, 3), np.uint8)
-                img[:48], img[48:] = top, bottom
-                img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
-                name = f"{pid:04d}_{cam}_{k}.png"
-                Image.fromarray(img).save(root / name)
-                rows.append((name, pid, cam, "train" if pid < 12 else "test"))
-    with (root / "tiny.csv").open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", "pid", "camid", "split"])
-        writer.writerows(rows)
-    return root / "tiny.csv"
 
 
 def tiny_overrides(manifest, **extra):

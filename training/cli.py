@@ -14,6 +14,8 @@ from importlib import import_module
 # name -> (module, one-line help). Modules are imported lazily.
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training.train", "train a variant on a re-id dataset (YAML config + overrides)"),
+    "repeat": ("training.experiment", "train and evaluate over several seeded splits (VIPeR x10)"),
+    "table": ("training.table", "print the figures of evaluation reports side by side"),
     "evaluate": ("training.evaluate", "CMC/mAP of a checkpoint or baseline on a re-id test set"),
     "variants": ("training.variants_cmd", "list the model variants with their sizes"),
     "export": ("model.export", "export a checkpoint or variant to ONNX for the service"),

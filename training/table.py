@@ -1,0 +1,68 @@
+"""``dsmi table``: the figures of evaluation reports side by side (text or Markdown)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .experiment import FIGURES
+
+__all__ = ["load_figures", "format_table", "configure", "run"]
+
+
+def load_figures(path: str | Path, protocol: str = "single-shot") -> tuple[str, dict]:
+    """A report.json, a repeat summary.json, or a folder holding either -> (name, figures)."""
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / "summary.json", path / "eval" / "report.json",
+                          path / "report.json"):
+            if candidate.is_file() and (candidate.name != "summary.json"
+                                        or "mean" in json.loads(candidate.read_text())):
+                path = candidate
+                break
+        else:
+            raise FileNotFoundError(f"no report.json or repeat summary.json in {path}")
+    data = json.loads(path.read_text())
+    if "mean" in data:  # dsmi repeat summary
+        figures = data["mean"][protocol]
+        name = data.get("name") or path.parent.name
+    else:
+        figures = next(r for r in data["results"] if r["protocol"] == protocol)
+        model = data.get("model") or {}
+        name = model.get("name") or path.parent.name
+    return name, figures
+
+
+def format_table(rows: list[tuple[str, dict]], markdown: bool = False) -> str:
+    def cell(fig: dict, key: str) -> str:
+        value = f"{100 * fig[key]:.2f}"
+        std = fig.get(f"{key}_std")
+        return f"{value} ± {100 * std:.2f}" if std else value
+
+    header = ["run", "rank-1", "rank-5", "rank-10", "rank-20", "mAP", "splits x trials"]
+    body = [[name, *(cell(fig, k) for k in FIGURES),
+             f"{fig.get('splits', 1)} x {fig.get('trials_per_split', fig.get('trials', 1))}"]
+            for name, fig in rows]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in body]
+        return "\n".join(lines)
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=True)]
+    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True))
+                     for r in [header, *body])
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Print the figures of evaluation reports side by side: report.json "
+                          "files, dsmi repeat summary.json files, or run folders holding them.")
+    parser.add_argument("paths", nargs="+", help="report.json / summary.json / run folders")
+    parser.add_argument("--protocol", default="single-shot",
+                        choices=("single-shot", "all-gallery"))
+    parser.add_argument("--markdown", action="store_true", help="a Markdown table")
+
+
+def run(args: argparse.Namespace) -> int:
+    rows = [load_figures(p, args.protocol) for p in args.paths]
+    print(format_table(rows, markdown=args.markdown))
+    return 0
