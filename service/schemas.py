@@ -143,9 +143,11 @@ class UploadForm(BaseModel):
     """``POST /v1/galleries/{gallery}/images``: one or many images with their labels."""
 
     images: list[UploadFile] = Field(
-        description="Image files (JPEG, PNG, BMP, WEBP, TIFF, GIF, PPM), repeated")
-    person_id: list[Label] = Field(description="Person id of each image, in the same order")
-    camera_id: list[Label] = Field(description="Camera id of each image, in the same order")
+        min_length=1, description="Image files (JPEG, PNG, BMP, WEBP, TIFF, GIF, PPM), repeated")
+    person_id: list[Label] = Field(min_length=1, description="Person id of each image, in the "
+                                                             "same order")
+    camera_id: list[Label] = Field(min_length=1, description="Camera id of each image, in the "
+                                                             "same order")
     metadata: list[str] | None = Field(
         None, description="Free metadata as JSON: one object for all images, one object per "
                           "image (repeated, in order), or one array of objects")

@@ -1,0 +1,69 @@
+"""``dsmi serve``: starts the service on the given host and port, fails fast without a model."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+from tests.conftest import ROOT
+from tests.service_support import exported_model_dir, image_bytes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSMI_")}
+    env["DSMI_PROVIDERS"] = "cpu"
+    return env
+
+
+def test_dsmi_serve_answers_on_the_given_port():
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "training.cli", "serve", "--host", "127.0.0.1", "--port",
+         str(port), "--model-dir", str(exported_model_dir()), "--log-level", "warning"],
+        cwd=ROOT, env=serve_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.communicate()[0]
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "dsmi serve did not become ready"
+            time.sleep(0.3)
+        ready = httpx.get(f"{base}/readyz").json()
+        assert ready["store"] == "memory" and ready["persistent"] is False
+        r = httpx.post(f"{base}/v1/galleries/g/images",
+                       files=[("images", ("a.jpg", image_bytes(1))),
+                              ("images", ("b.jpg", image_bytes(2)))],
+                       data={"person_id": ["a", "b"], "camera_id": ["1", "1"]})
+        assert r.status_code == 201, r.text
+        r = httpx.post(f"{base}/v1/galleries/g/query",
+                       files={"image": ("p.jpg", image_bytes(2))}, data={"top_k": "2"})
+        assert [x["person_id"] for x in r.json()["results"]][0] == "b"
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=30)[0]
+    assert "IN-MEMORY GALLERY STORE" in output  # said loudly in the log
+
+
+def test_dsmi_serve_without_a_model_fails_fast(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "training.cli", "serve", "--model-dir", str(tmp_path / "none"),
+         "--port", str(free_port())], cwd=ROOT, env=serve_env(), capture_output=True,
+        text=True, timeout=60)
+    assert result.returncode == 2
+    assert "no exported model" in result.stderr and str(tmp_path / "none") in result.stderr

@@ -1,0 +1,134 @@
+"""Fuzzing the service: through its OpenAPI schema (schemathesis + hypothesis), no input,
+valid or not, gives a 5xx, and every answer has a status, content type and body that the
+schema documents; random and damaged image bytes get a 4xx, never a 5xx. Bounded: a few
+dozen examples per operation and mode."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import schemathesis
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from service.app import create_app
+from service.settings import Settings
+from tests.service_support import image_bytes, service_engine
+
+# Every operation of the API; a test checks that this list is complete.
+OPERATIONS = [
+    ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"),
+    ("GET", "/v1/galleries"),
+    ("POST", "/v1/galleries/{gallery}/images"), ("GET", "/v1/galleries/{gallery}/images"),
+    ("GET", "/v1/galleries/{gallery}/images/{image_id}"),
+    ("DELETE", "/v1/galleries/{gallery}/images/{image_id}"),
+    ("DELETE", "/v1/galleries/{gallery}"),
+    ("POST", "/v1/galleries/{gallery}/query"),
+]
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
+          response_schema_conformance]
+EXISTING = "entrance"  # a gallery that exists, so that not every call is a 404
+FUZZ = settings(max_examples=20, deadline=None, derandomize=True, database=None,
+                suppress_health_check=list(HealthCheck))
+
+
+@pytest.fixture(scope="module")
+def app():
+    app = create_app(Settings(max_image_bytes=200_000, max_upload_bytes=1_000_000,
+                              max_pixels=1_000_000), engine=service_engine())
+    with TestClient(app) as client:
+        for k in range(3):
+            r = client.post(f"/v1/galleries/{EXISTING}/images",
+                            files=[("images", ("a.jpg", image_bytes(k)))],
+                            data={"person_id": f"p{k}", "camera_id": "1"})
+            assert r.status_code == 201
+        yield app
+
+
+@pytest.fixture(scope="module")
+def api_schema(app):
+    return schemathesis.openapi.from_asgi("/openapi.json", app)
+
+
+def test_the_fuzzed_operations_are_all_of_them(api_schema):
+    found = {(op.ok().method.upper(), op.ok().path) for op in api_schema.get_all_operations()}
+    assert found == set(OPERATIONS)
+
+
+def _cases():
+    for method, path in OPERATIONS:
+        has_params = "{" in path or method == "POST"
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            if mode == GenerationMode.NEGATIVE and not has_params:
+                continue  # nothing to get wrong
+            yield pytest.param(method, path, mode, None, id=f"{method} {path} {mode.value}")
+            if "{gallery}" in path and path != "/v1/galleries/{gallery}":
+                yield pytest.param(method, path, mode, EXISTING,
+                                   id=f"{method} {path} {mode.value} existing")
+
+
+@pytest.mark.parametrize("method, path, mode, gallery", list(_cases()))
+def test_no_input_gives_a_server_error(api_schema, method, path, mode, gallery):
+    operation = api_schema[path][method]
+    fixed = {"gallery": gallery} if gallery else None
+
+    @given(case=operation.as_strategy(generation_mode=mode, path_parameters=fixed))
+    @FUZZ
+    def fuzz(case):
+        case.call_and_validate(checks=CHECKS)
+
+    fuzz()
+
+
+def _damaged(data: bytes):
+    """Strategies for bytes near a real image: truncated, bit-flipped, spliced."""
+    flips = st.lists(st.tuples(st.integers(0, len(data) - 1), st.integers(1, 255)),
+                     min_size=1, max_size=8)
+
+    def flip(changes):
+        out = bytearray(data)
+        for pos, mask in changes:
+            out[pos] ^= mask
+        return bytes(out)
+
+    return st.one_of(st.integers(0, len(data) - 1).map(lambda n: data[:n]), flips.map(flip),
+                     st.binary(max_size=64).map(lambda junk: data[:40] + junk + data[40:]))
+
+
+def _png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(image_bytes(seed))).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("route", ["upload", "query"])
+def test_random_and_damaged_images_never_give_a_server_error(app, route):
+    client = TestClient(app)
+    sources = st.one_of(st.binary(max_size=256), _damaged(image_bytes(9)), _damaged(_png(9)))
+
+    @given(data=sources)
+    @settings(max_examples=40, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    def fuzz(data):
+        if route == "upload":
+            r = client.post(f"/v1/galleries/{EXISTING}/images",
+                            files=[("images", ("x.bin", data))],
+                            data={"person_id": "p", "camera_id": "1"})
+        else:
+            r = client.post(f"/v1/galleries/{EXISTING}/query", files={"image": ("x.bin", data)})
+        assert r.status_code < 500, r.text
+        if r.status_code >= 400:
+            assert r.json()["error"]["code"] in ("invalid_image", "unsupported_image_format",
+                                                 "image_too_large"), r.text
+
+    fuzz()
