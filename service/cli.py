@@ -24,7 +24,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                             "$DSMI_REDIS_URL, else an in-process store that "
                                             "keeps nothing across restarts")
     parser.add_argument("--workers", type=int, default=1,
-                        help="worker processes (default 1; each loads the model)")
+                        help="worker processes (default 1; each loads the model; more than "
+                             "one needs Redis)")
     parser.add_argument("--log-level", default=None,
                         choices=["critical", "error", "warning", "info", "debug"],
                         help="log level (default $DSMI_LOG_LEVEL, else info)")
@@ -57,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
         settings = Settings()
     except Exception as exc:  # a bad variable or config file: say which, no traceback
         print(f"error: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    if args.workers > 1 and not settings.redis_url:
+        print("error: --workers above 1 needs Redis (--redis-url or DSMI_REDIS_URL): each "
+              "worker's in-process store would hold different galleries", file=sys.stderr)
         return 2
     model_dir = settings.resolved_model_dir
     if not (model_dir / "manifest.json").is_file():

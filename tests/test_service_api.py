@@ -220,6 +220,42 @@ def test_query_ranks_the_gallery_like_the_engine(client, engine):
     assert [x["image_id"] for x in everything[:5]] == [x["image_id"] for x in results]
 
 
+def test_query_reads_the_gallery_one_scoring_batch_at_a_time(memory_client, engine):
+    build_gallery(memory_client, 40)
+    store = memory_client.app.state.store
+    chunks = []
+    scan = store.iter_chunks
+
+    def spy(gallery, fields, chunk_size):
+        for chunk in scan(gallery, fields, chunk_size):
+            chunks.append((chunk_size, len(chunk), tuple(fields)))
+            yield chunk
+
+    store.iter_chunks = spy
+    assert query(memory_client, "g", image_bytes(1), top_k=3).status_code == 200
+    assert [n for _, n, _ in chunks] == [16, 16, 8]  # never the whole gallery at once
+    assert {size for size, _, _ in chunks} == {engine.batch_size}
+    # Only what scoring needs is read: the engine's gallery fields, not the conv5 maps.
+    assert {fields for _, _, fields in chunks} == {tuple(engine.gallery_fields)}
+
+
+def test_a_corrupt_cache_entry_is_skipped_not_fatal(client, engine):
+    stored = build_gallery(client, 20)
+    victim = stored[5]["image_id"]
+    store = client.app.state.store
+    field = engine.gallery_fields[0]
+    if store.kind == "redis":  # bytes damaged in Redis itself
+        store.client.hset(store._item_key("g", victim), f"b:{field}", b"\x00" * 7)
+    else:
+        store._galleries["g"][victim][1][field] = b"\x00" * 7
+    r = query(client, "g", image_bytes(100 + 5), top_k=100)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["scored"] == 19 and victim not in {x["image_id"] for x in body["results"]}
+    m = metric_samples(client)
+    assert m[("dsmi_gallery_items_skipped_total", ())] == 1
+
+
 def test_query_filters_by_camera(client):
     stored = build_gallery(client, 12, cameras=("1", "2", "3"))
     cam = {s["image_id"]: s["camera_id"] for s in stored}

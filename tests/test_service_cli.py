@@ -67,3 +67,11 @@ def test_dsmi_serve_without_a_model_fails_fast(tmp_path):
         text=True, timeout=60)
     assert result.returncode == 2
     assert "no exported model" in result.stderr and str(tmp_path / "none") in result.stderr
+
+
+def test_several_workers_need_redis():
+    result = subprocess.run(
+        [sys.executable, "-m", "training.cli", "serve", "--workers", "2",
+         "--model-dir", str(exported_model_dir()), "--port", str(free_port())],
+        cwd=ROOT, env=serve_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "needs Redis" in result.stderr

@@ -257,3 +257,15 @@ def test_redis_password_never_appears_in_errors():
     with pytest.raises(StoreUnavailable) as info:
         store.ping()
     assert "s3cret" not in str(info.value)
+
+
+def test_a_damaged_redis_entry_is_left_out(redis_prefix):
+    store = RedisGalleryStore(REDIS_URL, namespace="m", prefix=redis_prefix)
+    items = new_items(3)
+    store.add_items("g", items)
+    store.client.hset(store._item_key("g", items[1].item.image_id), "meta", b"{not json")
+    assert ids(store.list_items("g", 0, 10)[1]) == ids([items[0], items[2]])
+    assert store.get_item("g", items[1].item.image_id) is None
+    scanned = [item for chunk in store.iter_chunks("g", ["a"], 2) for item, _ in chunk]
+    assert ids(scanned) == ids([items[0], items[2]])
+    store.close()

@@ -46,6 +46,18 @@ def _describe(url: str) -> str:
     return re.sub(r"//[^@/]*@", "//***@", url)
 
 
+def _parse_meta(raw: bytes | None, key: bytes) -> GalleryItem | None:
+    """An item's description, or ``None`` (logged) when it is missing or unreadable: a
+    damaged entry is left out rather than failing every request that touches it."""
+    if raw is None:
+        return None
+    try:
+        return GalleryItem.from_json(raw)
+    except (ValueError, TypeError) as exc:
+        log.warning("skipping unreadable gallery entry %r: %s", key, exc)
+        return None
+
+
 @contextmanager
 def _guard(what: str, url: str):
     try:
@@ -154,7 +166,9 @@ class RedisGalleryStore:
             for image_id in ids:
                 pipe.hget(self._item_key(gallery, image_id), _META)
             metas = pipe.execute() if ids else []
-        return int(total), [GalleryItem.from_json(m) for m in metas if m is not None]
+        parsed = (_parse_meta(m, self._item_key(gallery, i)) for m, i in zip(metas, ids,
+                                                                              strict=True))
+        return int(total), [item for item in parsed if item is not None]
 
     def get_item(self, gallery: str, image_id: str) -> GalleryItem | None:
         with self._guard("read the item"):
@@ -162,7 +176,9 @@ class RedisGalleryStore:
             pipe.zscore(self._ids_key(gallery), image_id)
             pipe.hget(self._item_key(gallery, image_id), _META)
             listed, meta = pipe.execute()
-        return GalleryItem.from_json(meta) if listed is not None and meta is not None else None
+        if listed is None:
+            return None
+        return _parse_meta(meta, self._item_key(gallery, image_id))
 
     def get_blobs(self, gallery: str, image_id: str, fields: Sequence[str]
                   ) -> dict[str, bytes] | None:
@@ -232,11 +248,13 @@ class RedisGalleryStore:
                     pipe.hmget(self._item_key(gallery, image_id), wanted)
                 values = pipe.execute()
             chunk: Chunk = []
-            for row in values:
-                if row[0] is None:  # deleted since the id was read
+            for (image_id, _), row in zip(rows, values, strict=True):
+                # None: deleted since the id was read (or damaged, and logged)
+                item = _parse_meta(row[0], self._item_key(gallery, image_id))
+                if item is None:
                     continue
                 blobs = {f: v for f, v in zip(fields, row[1:], strict=True) if v is not None}
-                chunk.append((GalleryItem.from_json(row[0]), blobs))
+                chunk.append((item, blobs))
             if chunk:
                 yield chunk
             cursor = f"({int(rows[-1][1])}"
