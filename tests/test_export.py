@@ -14,6 +14,16 @@ from model.export import MANIFEST_FORMAT, export_model, model_id
 from training.cli import main as dsmi
 
 SMALL = [v for v in list_variants() if v.endswith("-small")]
+# The paper's VGG-16 network at a tiny input: its tail (output conv, then the FC) is not fused,
+# unlike the small variants', so the head takes the other path.
+PAPER_TINY = "dsmi@64x32"
+
+
+def _build(name):
+    torch.manual_seed(0)
+    if name == PAPER_TINY:
+        return build_model("dsmi", input_size=(64, 32)).eval()
+    return build_model(name).eval()
 
 
 def _session(path):
@@ -22,11 +32,10 @@ def _session(path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-@pytest.fixture(scope="session", params=SMALL)
+@pytest.fixture(scope="session", params=SMALL + [PAPER_TINY])
 def exported(request, tmp_path_factory):
-    torch.manual_seed(0)
-    net = build_model(request.param).eval()
-    out = tmp_path_factory.mktemp("export") / request.param
+    net = _build(request.param)
+    out = tmp_path_factory.mktemp("export") / request.param.replace("@", "-")
     manifest = export_model(net, out)
     return net, out, manifest
 
@@ -56,6 +65,8 @@ def test_manifest_describes_the_model(exported):
     assert manifest["variant"] == net.variant
     assert manifest["model_id"] == model_id(net)
     assert tuple(manifest["input_size"]) == net.input_size
+    irnn = manifest["spec"]["pooling"] == "irnn" and manifest["spec"]["head"] == "pair"
+    assert manifest["head_graph"] == ("channels-last" if irnn else "generic")
     assert manifest["opset"] == 17
     with torch.no_grad():
         maps = net.encode(torch.zeros(1, 3, *net.input_size))
@@ -82,6 +93,25 @@ def test_onnx_scores_equal_pytorch(exported, n):
     np.testing.assert_allclose(got_a, maps_a.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(got_b, maps_b.numpy(), rtol=1e-4, atol=1e-4)
     assert np.abs(scores - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["bcnn-irnn-small", PAPER_TINY])
+def test_generic_and_channels_last_heads_agree(tmp_path, name):
+    net = _build(name)
+    images = torch.randn(6, 3, *net.input_size, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = net.score(net.encode(images[:1]), net.encode(images[1:], "b")).numpy()
+    for head in ("generic", "channels-last"):
+        manifest = export_model(net, tmp_path / head, head=head)
+        assert manifest["head_graph"] == head
+        *_, scores = _run_graphs(tmp_path / head, manifest, images[:1].numpy(),
+                                 images[1:].numpy())
+        assert np.abs(scores - expected).max() < 1e-4
+
+
+def test_channels_last_head_needs_irnn_pooling(tmp_path):
+    with pytest.raises(ValueError, match="channels-last"):
+        export_model(_build("mi-spp-small"), tmp_path / "m", head="channels-last")
 
 
 def test_a_weight_shared_by_two_graphs_is_stored_once(tmp_path):

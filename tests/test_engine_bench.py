@@ -1,0 +1,17 @@
+"""The benchmark's analytic FLOP count of the per-pair head agrees with PyTorch's counter."""
+
+import pytest
+import torch
+
+from bench.engine_bench import head_flops, profiler_gemm_flops
+from model import build_model, list_variants
+
+
+@pytest.mark.parametrize("name", [v for v in list_variants() if v.endswith("-small")])
+def test_head_gemm_flops_match_the_profiler(name):
+    torch.manual_seed(0)
+    net = build_model(name).eval()
+    flops = head_flops(net)
+    assert flops["gemm"] == profiler_gemm_flops(net)
+    assert flops["total"] == flops["gemm"] + flops["elementwise"] == sum(flops["parts"].values())
+    assert flops["elementwise"] > 0
