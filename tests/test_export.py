@@ -114,9 +114,9 @@ def test_channels_last_head_needs_irnn_pooling(tmp_path):
         export_model(_build("mi-spp-small"), tmp_path / "m", head="channels-last")
 
 
-def test_a_weight_shared_by_two_graphs_is_stored_once(tmp_path):
-    torch.manual_seed(0)
-    net = build_model("dsmi-small").eval()
+@pytest.mark.parametrize("name", ["dsmi-small", PAPER_TINY])
+def test_a_weight_shared_by_two_graphs_is_stored_once(tmp_path, name):
+    net = _build(name)
     manifest = export_model(net, tmp_path / "m")
 
     def external(file):
@@ -127,6 +127,8 @@ def test_a_weight_shared_by_two_graphs_is_stored_once(tmp_path):
     probe, gallery = external("probe.onnx"), external("gallery.onnx")
     # The FC of the two per-image sides is the same tensor: one record, read by both.
     assert probe & gallery
+    if name == PAPER_TINY:  # unfused tail: the head runs the same FC weight
+        assert probe & gallery & external("head.onnx")
     fc_bytes = net.fc.weight.numel() * 4
     stored = manifest["files"]["weights.bin"]
     params = sum(p.numel() * 4 for p in net.parameters())
