@@ -375,6 +375,7 @@ def _export_into(net: MatchingNetwork, out_dir: Path, opset: int, exporter: str,
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from a service's own user
     try:
         models: dict[str, onnx.ModelProto] = {}
         graphs: dict[str, dict] = {}

@@ -173,6 +173,7 @@ def test_cli_exports_a_random_variant_reproducibly(tmp_path):
     assert dsmi(["export", "--variant", "fc-cnn-small", "--seed", "1", "--out",
                  str(tmp_path / "c"), "--no-verify"]) == 0
     assert json.loads((tmp_path / "c" / "manifest.json").read_text())["model_id"] != ids[0]
+    assert (tmp_path / "a").stat().st_mode & 0o755 == 0o755  # readable by a service's user
 
 
 def test_failed_export_keeps_the_previous_folder(tmp_path, monkeypatch):
