@@ -68,22 +68,35 @@ class SpatialPooling(nn.Module):
         return x if self.out_proj is None else self.out_proj(x)
 
 
-def _sweep(seq: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """ReLU recurrences along the last axis, all directions and rows at once.
+def _sweep(steps: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+    """ReLU recurrences along the first axis, all directions and rows at once.
 
-    ``seq`` ``(D, B, h, R, T)``: D directions, each swept along T for every one of R rows with
-    h_t = max(W_d h_{t-1} + x_t, 0), h_{-1} = 0; ``weight`` ``(D, h, h)``. Returns the hidden
-    states in the same layout. The loop over the T steps is the only Python loop.
+    ``steps`` ``(T, D, N, h)``: D directions, each a sequence of T steps for N rows of hidden
+    vectors, h_t = max(W_d h_{t-1} + x_t, 0), h_{-1} = 0; ``weight_t`` ``(D, h, h)`` holds each
+    W_d transposed (rows of hidden vectors: ``h @ W^T``). Returns the states, same layout. The
+    loop over the T steps is the only Python loop; each step is one batched GEMM over
+    contiguous memory.
     """
-    d, b, h, r, t = seq.shape
-    # unbind, not steps[k]: the backward of t indexing ops would write t full-size zero tensors.
-    steps = seq.permute(4, 0, 2, 1, 3).reshape(t, d, h, b * r).unbind(0)
-    state = torch.relu(steps[0])
+    # unbind, not steps[t]: the backward of T indexing ops would write T full-size zero tensors.
+    xs = steps.unbind(0)
+    state = torch.relu(xs[0])
     states = [state]
-    for k in range(1, t):
-        state = torch.relu(torch.baddbmm(steps[k], weight, state))
+    for x in xs[1:]:
+        state = torch.relu(torch.baddbmm(x, state, weight_t))
         states.append(state)
-    return torch.stack(states).reshape(t, d, h, b, r).permute(1, 3, 2, 4, 0)
+    return torch.stack(states)
+
+
+def to_sequence(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` -> the recurrences' layout ``(W, B, H, C)``: a step along the width is a
+    contiguous block, and channels are innermost so that every layout change below moves whole
+    hidden vectors (ONNX Runtime's transposes of small innermost axes are slow)."""
+    return x.permute(3, 0, 2, 1)
+
+
+def from_sequence(seq: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`to_sequence`: ``(W, B, H, C)`` -> ``(B, C, H, W)``."""
+    return seq.permute(1, 3, 2, 0)
 
 
 class FourDirectionRecurrence(nn.Module):
@@ -102,17 +115,31 @@ class FourDirectionRecurrence(nn.Module):
         self.weight = nn.Parameter(torch.eye(hidden).repeat(4, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = torch.stack([x, x.flip(-1)])                        # sweep along W
-        cols = torch.stack([x, x.flip(-2)]).transpose(-1, -2)      # sweep along H
-        if x.shape[-1] == x.shape[-2]:  # square map: all four directions in one sweep
-            swept = _sweep(torch.cat([rows, cols]), self.weight)
-            rows_out, cols_out = swept[:2], swept[2:]
+        return from_sequence(self.sweep(to_sequence(x)))
+
+    def sweep(self, seq: torch.Tensor) -> torch.Tensor:
+        """The four recurrences in the sequence layout: ``(W, B, H, h)`` -> ``(W, B, H, 4h)``.
+
+        Reversed directions run on the input reversed along its step axis (an outer axis:
+        whole blocks move), stacked beside the forward ones so that one GEMM per step serves
+        both; a square map sweeps all four directions in one loop.
+        """
+        w, b, h, hidden = seq.shape
+        weight_t = self.weight.transpose(1, 2)
+        cols = seq.transpose(0, 2)                                   # (H, B, W, h)
+        rows_in = torch.stack([seq, seq.flip(0)], dim=1).reshape(w, 2, b * h, hidden)
+        cols_in = torch.stack([cols, cols.flip(0)], dim=1).reshape(h, 2, b * w, hidden)
+        if w == h:
+            swept = _sweep(torch.cat([rows_in, cols_in], dim=1), weight_t)
+            rows_out, cols_out = swept[:, :2], swept[:, 2:]
         else:
-            rows_out = _sweep(rows, self.weight[:2])
-            cols_out = _sweep(cols, self.weight[2:])
-        cols_out = cols_out.transpose(-1, -2)
-        return torch.cat([rows_out[0], rows_out[1].flip(-1),
-                          cols_out[0], cols_out[1].flip(-2)], dim=1)
+            rows_out = _sweep(rows_in, weight_t[:2])
+            cols_out = _sweep(cols_in, weight_t[2:])
+        rows_out = rows_out.reshape(w, 2, b, h, hidden)
+        cols_out = cols_out.reshape(h, 2, b, w, hidden)
+        return torch.cat([rows_out[:, 0], rows_out[:, 1].flip(0),
+                          cols_out[:, 0].transpose(0, 2), cols_out[:, 1].flip(0).transpose(0, 2)],
+                         dim=-1)
 
 
 class IRNNLayer(nn.Module):
@@ -164,13 +191,25 @@ class StackedIRNN(SpatialPooling):
         return self.layers[-1].out_conv
 
     def core(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, h, H, W)`` (after ``in_proj``) -> ``(B, 4h, H, W)`` (before ``out_proj``)."""
+        """``(B, h, H, W)`` (after ``in_proj``) -> ``(B, 4h, H, W)`` (before ``out_proj``).
+
+        Runs in the sequence layout (:func:`to_sequence`) from the first layer to the last:
+        two layout changes in all; the fused convolutions between layers are matrix products
+        on the innermost axis.
+        """
+        seq = to_sequence(x)
         for k, layer in enumerate(self.layers):
             if k > 0:
-                x = apply_pointwise(x, compose_pointwise(self.layers[k - 1].out_conv,
-                                                         layer.in_conv))
-            x = layer.dropout(layer.recurrence(x))
-        return x
+                weight, bias = compose_pointwise(self.layers[k - 1].out_conv, layer.in_conv)
+                seq = torch.addmm(bias, seq.flatten(0, 2), weight.t()).view(
+                    *seq.shape[:3], weight.shape[0])
+            seq = layer.recurrence.sweep(seq)
+            if self.training and layer.dropout.p > 0:
+                # Dropout2d's rule (whole hidden maps per sample) in the sequence layout.
+                keep = torch.ones(1, seq.shape[1], 1, seq.shape[3], dtype=seq.dtype,
+                                  device=seq.device)
+                seq = seq * F.dropout(keep, layer.dropout.p, training=True)
+        return from_sequence(seq)
 
 
 class SpatialPyramidPooling(SpatialPooling):
