@@ -11,6 +11,7 @@ import torch
 from model import build_model, list_variants
 from model.checkpoint import save_checkpoint
 from model.export import MANIFEST_FORMAT, export_model, model_id
+from tests.conftest import ROOT
 from training.cli import main as dsmi
 
 SMALL = [v for v in list_variants() if v.endswith("-small")]
@@ -202,3 +203,21 @@ def test_dynamo_exporter_also_reproduces_pytorch(tmp_path):
         expected = net.score(net.encode(images[:1]), net.encode(images[1:], "b")).numpy()
     *_, scores = _run_graphs(tmp_path / "m", manifest, images[:1].numpy(), images[1:].numpy())
     assert np.abs(scores - expected).max() < 1e-4
+
+
+def test_a_checkpoint_written_by_training_exports(tiny_manifest, tmp_path):
+    from model.checkpoint import load_checkpoint
+    from training.config import load_config
+    from training.train import Trainer
+
+    overrides = {"data.root": str(tiny_manifest.parent), "data.manifest": tiny_manifest.name,
+                 "data.test_split": "test", "data.val_ids": 3, "train.batch_size": 16,
+                 "train.epochs": 1, "train.max_minutes": "null", "train.threads": 1}
+    cfg = load_config(ROOT / "configs" / "cpu.yaml", [f"{k}={v}" for k, v in overrides.items()])
+    Trainer(cfg, tmp_path / "run", progress=False).fit()
+    ckpt = tmp_path / "run" / "best.pt"
+    assert dsmi(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "m")]) == 0
+    net, _ = load_checkpoint(ckpt)
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert manifest["model_id"] == model_id(net)
+    assert manifest["variant"] == net.variant
