@@ -29,7 +29,19 @@ _BACKGROUND = tuple(round(255 * m) for m in IMAGENET_MEAN)
 
 
 class ImageDecodeError(ValueError):
-    """The bytes are not an image this service can use; the message says why."""
+    """The bytes are not an image this service can use; the message says why.
+
+    ``reason`` is one of ``REASONS``: ``empty``, ``unsupported_format``, ``too_many_pixels``,
+    ``unreadable`` (not an image, truncated, corrupt), so callers can map it (e.g. to HTTP).
+    """
+
+    REASONS = ("empty", "unsupported_format", "too_many_pixels", "unreadable")
+
+    def __init__(self, message: str, reason: str = "unreadable") -> None:
+        super().__init__(message)
+        if reason not in self.REASONS:
+            raise ValueError(f"unknown reason {reason!r}")
+        self.reason = reason
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -59,7 +71,7 @@ def decode_image(source: bytes | str | Path | BinaryIO,
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
-            raise ImageDecodeError("empty file")
+            raise ImageDecodeError("empty file", "empty")
         source = io.BytesIO(source)
     try:
         with warnings.catch_warnings():
@@ -67,11 +79,12 @@ def decode_image(source: bytes | str | Path | BinaryIO,
             img = Image.open(source)
             if img.format not in ALLOWED_FORMATS:
                 raise ImageDecodeError(f"unsupported image format {img.format}; "
-                                       f"use one of {', '.join(sorted(ALLOWED_FORMATS))}")
+                                       f"use one of {', '.join(sorted(ALLOWED_FORMATS))}",
+                                       "unsupported_format")
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageDecodeError(f"image of {width}x{height} pixels is larger than the "
-                                       f"{max_pixels} pixels allowed")
+                                       f"{max_pixels} pixels allowed", "too_many_pixels")
             if width == 0 or height == 0:
                 raise ImageDecodeError("image has no pixels")
             img.load()
@@ -79,11 +92,12 @@ def decode_image(source: bytes | str | Path | BinaryIO,
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"image too large: {exc}") from exc
+        raise ImageDecodeError(f"image too large: {exc}", "too_many_pixels") from exc
     except FileNotFoundError:
         raise
     except Exception as exc:  # Pillow raises many types for broken data
-        raise ImageDecodeError(f"not a readable image ({type(exc).__name__}: {exc})") from exc
+        raise ImageDecodeError(f"not a readable image ({type(exc).__name__}: {exc})",
+                               "unreadable") from exc
     return _to_rgb(img)
 
 
@@ -103,9 +117,11 @@ def preprocess(image: Image.Image, size: tuple[int, int],
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-def load_image_tensor(source: bytes | str | Path | BinaryIO, size: tuple[int, int],
+def load_image_tensor(source: bytes | str | Path | BinaryIO | Image.Image, size: tuple[int, int],
                       mean: tuple[float, ...] = IMAGENET_MEAN,
                       std: tuple[float, ...] = IMAGENET_STD,
                       max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """:func:`decode_image` then :func:`preprocess`: the one path from a file to input."""
-    return preprocess(decode_image(source, max_pixels), size, mean, std)
+    """:func:`decode_image` then :func:`preprocess`: the one path from a file to input.
+    An already decoded image (from :func:`decode_image`) is preprocessed as it is."""
+    image = source if isinstance(source, Image.Image) else decode_image(source, max_pixels)
+    return preprocess(image, size, mean, std)

@@ -25,11 +25,15 @@ import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 
 from model.preprocess import ImageDecodeError, load_image_tensor
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = ["Engine", "ModelFolderError", "ImageDecodeError", "MANIFEST_FORMAT",
            "MANIFEST_VERSION", "PROVIDERS_ENV", "CACHE_DTYPES", "MAPS_FIELD", "resolve_providers"]
@@ -252,8 +256,9 @@ class Engine:
 
     # -- images -----------------------------------------------------------------------------
 
-    def preprocess(self, data: bytes | str | Path) -> np.ndarray:
-        """Encoded image bytes or a path -> ``(3, H, W)`` float32, exactly as training does it
+    def preprocess(self, data: bytes | str | Path | Image.Image) -> np.ndarray:
+        """Encoded image bytes, a path, or an image from :func:`model.preprocess.decode_image`
+        -> ``(3, H, W)`` float32, exactly as training does it
         (:func:`model.preprocess.load_image_tensor`). Raises :class:`ImageDecodeError`."""
         return load_image_tensor(data, self.input_size, self.mean, self.std)
 

@@ -6,18 +6,15 @@ Blocking (ONNX Runtime, the store): the routes call these from FastAPI's thread 
 
 from __future__ import annotations
 
-import io
 import logging
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from model.preprocess import ALLOWED_FORMATS, ImageDecodeError
+from model.preprocess import ImageDecodeError, decode_image
 
 from .engine import MAPS_FIELD
 from .errors import ServiceError
@@ -33,7 +30,6 @@ __all__ = ["ENCODE_BATCH", "DecodedImage", "read_image", "gallery_blobs",
 log = logging.getLogger(__name__)
 
 ENCODE_BATCH = 32  # images per trunk call when encoding an upload: bounds the input batch
-_EXIF_ORIENTATION = 0x0112
 
 
 @dataclass(frozen=True)
@@ -52,59 +48,33 @@ def _image_error(status: int, code: str, reason: str, filename: str | None,
                         details={"index": index, "filename": filename})
 
 
-def _inspect(data: bytes) -> tuple[str | None, int, int, int]:
-    """Read the header only (no pixels): format, width, height, EXIF orientation."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-            try:
-                orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1))
-            except Exception:  # a broken EXIF block: the decoder will judge the image
-                orientation = 1
-            return img.format, width, height, orientation
+# How each reason of model.preprocess.ImageDecodeError reaches the client.
+_DECODE_ERRORS = {
+    "empty": (400, "invalid_image"),
+    "unreadable": (400, "invalid_image"),
+    "unsupported_format": (415, "unsupported_image_format"),
+    "too_many_pixels": (413, "image_too_large"),
+}
 
 
 def read_image(data: bytes, engine: Engine, max_bytes: int, max_pixels: int,
                filename: str | None = None, index: int | None = None) -> DecodedImage:
     """Check and decode one uploaded image into the network's input.
 
-    Raises :class:`ServiceError`: 413 for too many bytes or pixels (checked before any pixel
-    is decoded), 415 for a format the service does not take, 400 for anything unreadable
-    (empty, truncated, not an image). The message names the file.
+    Raises :class:`ServiceError`: 413 for too many bytes or pixels (the pixel count is checked
+    from the header, before any pixel is decoded), 415 for a format the service does not take,
+    400 for anything unreadable (empty, truncated, not an image). The message names the file.
     """
     if len(data) > max_bytes:
         raise _image_error(413, "payload_too_large",
                            f"{len(data)} bytes; at most {max_bytes} bytes per image",
                            filename, index)
-    if not data:
-        raise _image_error(400, "invalid_image", "empty file", filename, index)
     try:
-        fmt, width, height, orientation = _inspect(data)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise _image_error(413, "image_too_large", f"too many pixels ({exc})",
-                           filename, index) from exc
-    except UnidentifiedImageError as exc:
-        raise _image_error(400, "invalid_image", "not an image (no known image format)",
-                           filename, index) from exc
-    except Exception as exc:
-        raise _image_error(400, "invalid_image", f"not a readable image ({exc})",
-                           filename, index) from exc
-    if fmt not in ALLOWED_FORMATS:
-        raise _image_error(415, "unsupported_image_format",
-                           f"image format {fmt} is not supported; use one of "
-                           f"{', '.join(sorted(ALLOWED_FORMATS))}", filename, index)
-    if width * height > max_pixels:
-        raise _image_error(413, "image_too_large",
-                           f"{width}x{height} is {width * height} pixels; at most "
-                           f"{max_pixels} allowed", filename, index)
-    try:
-        tensor = engine.preprocess(data)
+        image = decode_image(data, max_pixels)  # upright (EXIF applied), RGB
     except ImageDecodeError as exc:
-        raise _image_error(400, "invalid_image", str(exc), filename, index) from exc
-    if orientation in (5, 6, 7, 8):  # EXIF rotations by 90 degrees swap the sides
-        width, height = height, width
-    return DecodedImage(tensor, width, height)
+        status, code = _DECODE_ERRORS[exc.reason]
+        raise _image_error(status, code, str(exc), filename, index) from exc
+    return DecodedImage(engine.preprocess(image), image.width, image.height)
 
 
 def gallery_blobs(engine: Engine, tensors: Sequence[np.ndarray],
