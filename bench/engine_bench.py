@@ -183,14 +183,14 @@ def head_flops(net) -> dict:
     else:
         raise TypeError(f"no FLOP count for {type(pooling).__name__}")
 
-    tail_w, tail_b = net.head_weights().tail
-    if tail_b is None and pooling.out_proj is not None:
+    weights = net.head_weights()
+    tail_w, _ = weights.tail
+    if not weights.tail_fused and pooling.out_proj is not None:
         o = pooling.out_proj
         parts["output conv"] = (2 * o.in_channels * o.out_channels * cells,
                                 o.out_channels * cells)
     fc_out, fc_in = tail_w.shape
-    parts["tail (FC of the joint map)"] = (2 * fc_out * fc_in, fc_out if tail_b is not None
-                                           else 0)
+    parts["tail (FC of the joint map)"] = (2 * fc_out * fc_in, fc_out)
     parts["cosine"] = (0, 2 * fc_out + 6 * fc_out)  # x = e - j twice; 3 dot products
     gemm = sum(g for g, _ in parts.values())
     elem = sum(e for _, e in parts.values())

@@ -32,23 +32,20 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from onnx import numpy_helper
 from onnx.external_data_helper import set_external_data
 from torch import nn
 
-from .network import MatchingNetwork, TwoStreamMatchingNetwork
-from .pooling import StackedIRNN, compose_pointwise
+from .network import MatchingNetwork
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["MANIFEST_FORMAT", "MANIFEST_VERSION", "EXPORTERS", "HEADS", "export_model",
+__all__ = ["MANIFEST_FORMAT", "MANIFEST_VERSION", "EXPORTERS", "export_model",
            "model_id", "configure", "run"]
 
 MANIFEST_FORMAT = "dsmi-onnx"
 MANIFEST_VERSION = 1
 EXPORTERS = ("legacy", "dynamo")
-HEADS = ("channels-last", "generic")
 WEIGHTS_FILE = "weights.bin"
 # Initializers smaller than this stay inside their graph: not worth an external record.
 _INLINE_BYTES = 1024
@@ -106,104 +103,6 @@ class _Head(nn.Module):
         half = len(fields) // 2
         return self.net.score_features(self.feature_type(*fields[:half]),
                                        self.feature_type(*fields[half:]), weights)
-
-
-class _ChannelsLastIRNNHead(nn.Module):
-    """``score_features`` of a two-stream network with stacked IRNN pooling, laid out for ONNX
-    Runtime: the same arithmetic as the model's fused per-pair path, channels last.
-
-    The model sweeps in a ``(directions, batch, hidden, rows, steps)`` layout with flips and
-    five 5-D permutes per layer; traced as they are, those permutes and flips take about two
-    thirds of ONNX Runtime's head time (its transposes of small innermost axes are slow). Here
-    a map is kept as ``(steps, batch, rows, hidden)``: a step is a contiguous block, the
-    recurrence one GEMM over all rows, a reversed sweep just walks the steps backwards, and
-    the only layout changes swap outer axes (whole hidden vectors move). The tail's weight
-    columns are reordered once, at export, to the channels-last flattening.
-    """
-
-    def __init__(self, net: MatchingNetwork, feature_type: type) -> None:
-        super().__init__()
-        self.net, self.feature_type = net, feature_type
-        pooling = net.pooling
-        hw = net.head_weights()
-        self.entry = None
-        if hw.entry is not None:
-            self.register_buffer("entry_weight", hw.entry[0].detach().clone())
-            self.register_buffer("entry_bias", hw.entry[1].detach().clone())
-            self.entry = True
-        layers = list(pooling.layers)
-        # state @ W^T is W @ state for row vectors: one transposed matrix per direction.
-        for k, layer in enumerate(layers):
-            self.register_buffer(f"recurrent_{k}",
-                                 layer.recurrence.weight.detach().transpose(1, 2).clone())
-            if k > 0:
-                w, b = compose_pointwise(layers[k - 1].out_conv, layer.in_conv)
-                self.register_buffer(f"between_weight_{k}", w.detach().t().clone())
-                self.register_buffer(f"between_bias_{k}", b.detach().clone())
-        self.layers = len(layers)
-        k1, k2 = net.map_size
-        tail_w, tail_b = hw.tail
-        self.out_proj = tail_b is None
-        if self.out_proj:
-            # Not fused with the FC (the wide variants): the output conv runs channels-last,
-            # then the map goes back to (batch, c, rows, cols) for the FC as it is. A zero bias
-            # makes the FC one Gemm on the FC's own weight, the tensor the probe and gallery
-            # graphs hold: stored once. Reordering its columns instead would store a second
-            # copy (205 MB for dsmi) to save a transpose of about 3% of the head's time.
-            out = pooling.out_proj
-            self.register_buffer("out_weight", out.weight.detach().flatten(1).t().clone())
-            self.register_buffer("out_bias", out.bias.detach().clone())
-            self.register_buffer("tail_weight", tail_w.detach().clone())
-            self.register_buffer("tail_bias", tail_w.new_zeros(tail_w.shape[0]))
-        else:
-            # Fused tail (a matrix of its own): columns (c, i, j) -> (i, j, c), the order of a
-            # channels-last flattening, so that the map needs no transpose back.
-            channels = tail_w.shape[1] // (k1 * k2)
-            reordered = tail_w.detach().view(-1, channels, k1, k2).permute(0, 2, 3, 1)
-            self.register_buffer("tail_weight", reordered.reshape(tail_w.shape[0], -1).clone())
-            self.register_buffer("tail_bias", tail_b.detach().clone())
-
-    @staticmethod
-    def _sweep(x: torch.Tensor, weight_t: torch.Tensor, reverse: bool) -> torch.Tensor:
-        """``x`` ``(T, B, R, h)``: h_t = max(W h_{t-1} + x_t, 0) along T -> same shape."""
-        steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
-        states: dict[int, torch.Tensor] = {}
-        state = None
-        for t in steps:
-            state = torch.relu(x[t] if state is None else x[t] + state @ weight_t)
-            states[t] = state
-        return torch.stack([states[t] for t in range(x.shape[0])])
-
-    def _layer(self, rows: torch.Tensor, k: int) -> torch.Tensor:
-        """One layer's four recurrences: ``rows`` ``(K2, B, K1, h)`` (sweeps along the map's
-        width) -> ``(K2, B, K1, 4h)``, directions in the model's order."""
-        weight = getattr(self, f"recurrent_{k}")
-        cols = rows.transpose(0, 2)                                   # (K1, B, K2, h)
-        left_right = self._sweep(rows, weight[0], reverse=False)
-        right_left = self._sweep(rows, weight[1], reverse=True)
-        top_bottom = self._sweep(cols, weight[2], reverse=False).transpose(0, 2)
-        bottom_top = self._sweep(cols, weight[3], reverse=True).transpose(0, 2)
-        return torch.cat([left_right, right_left, top_bottom, bottom_top], dim=-1)
-
-    def forward(self, *fields: torch.Tensor) -> torch.Tensor:
-        half = len(fields) // 2
-        probe = self.feature_type(*fields[:half])
-        gallery = self.feature_type(*fields[half:])
-        x = self.net.fusion.combine(probe.joint, gallery.joint)     # (B, j, K1, K2)
-        if self.entry:
-            x = F.conv2d(x, self.entry_weight[:, :, None, None], self.entry_bias)
-        x = x.permute(3, 0, 2, 1)                                    # (K2, B, K1, h)
-        for k in range(self.layers):
-            if k > 0:
-                x = x @ getattr(self, f"between_weight_{k}") + getattr(self, f"between_bias_{k}")
-            x = self._layer(x, k)
-        if self.out_proj:
-            x = x @ self.out_weight + self.out_bias
-            flat = x.permute(1, 3, 2, 0).flatten(1)                  # (B, c * K1 * K2)
-        else:
-            flat = x.permute(1, 2, 0, 3).flatten(1)                  # (B, K1 * K2 * c)
-        joint = F.linear(flat, self.tail_weight, self.tail_bias)
-        return F.cosine_similarity(probe.embedding - joint, gallery.embedding - joint, dim=1)
 
 
 class _Pair(nn.Module):
@@ -269,7 +168,7 @@ def _export_graph(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path,
         batch = torch.export.Dim("batch", min=1)
         shapes = tuple({axis: batch} if axis is not None else None
                        for axis in dynamic.values())
-        if isinstance(module, (_Head, _ChannelsLastIRNNHead)):
+        if isinstance(module, _Head):
             shapes = (shapes,)  # forward(*fields): one varargs entry
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -325,7 +224,7 @@ def _shapes(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
 
 def export_model(net: MatchingNetwork, out_dir: str | Path, opset: int = 17,
                  exporter: str = "legacy", check: bool = True, pair_graph: bool = False,
-                 overwrite: bool = True, head: str = "auto") -> dict:
+                 overwrite: bool = True) -> dict:
     """Export ``net`` (eval mode) into ``out_dir`` and return the manifest (also written as
     ``manifest.json``).
 
@@ -334,34 +233,27 @@ def export_model(net: MatchingNetwork, out_dir: str | Path, opset: int = 17,
     (``torch.export``). ``check`` runs ``onnx.checker`` (full check, with shape inference) on
     every graph. ``pair_graph`` also writes ``pair.onnx``, the whole two-stream network per
     image pair (``net.forward``), used by the benchmark as the naive design.
-    ``head``: ``"channels-last"`` (networks with stacked IRNN pooling only: the same arithmetic
-    in a layout ONNX Runtime runs several times faster), ``"generic"`` (the model's
-    ``score_features`` traced as it is), or ``"auto"`` (the first where it applies).
+    The head graph is the model's own ``score_features`` traced (one implementation of the
+    per-pair arithmetic for training, PyTorch inference and ONNX Runtime).
     The folder is written next to ``out_dir`` first and moved into place, so a failed export
     never leaves half a folder.
     """
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, not {exporter!r}")
-    irnn = (isinstance(net, TwoStreamMatchingNetwork) and isinstance(net.pooling, StackedIRNN))
-    if head == "auto":
-        head = "channels-last" if irnn else "generic"
-    if head not in HEADS or (head == "channels-last" and not irnn):
-        raise ValueError(f"head must be 'auto', 'generic' or, for networks with stacked IRNN "
-                         f"pooling, 'channels-last'; not {head!r}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists")
     was_training = net.training
     net.eval()
     try:
-        manifest = _export_into(net, out_dir, opset, exporter, check, pair_graph, head)
+        manifest = _export_into(net, out_dir, opset, exporter, check, pair_graph)
     finally:
         net.train(was_training)
     return manifest
 
 
 def _export_into(net: MatchingNetwork, out_dir: Path, opset: int, exporter: str, check: bool,
-                 pair_graph: bool, head: str) -> dict:
+                 pair_graph: bool) -> dict:
     h, w = net.input_size
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(2, 3, h, w, generator=generator)
@@ -395,9 +287,8 @@ def _export_into(net: MatchingNetwork, out_dir: Path, opset: int, exporter: str,
         add("gallery", _Side(net, "gallery"), (maps,), {"maps": 0}, fields)
         head_inputs = {f"probe_{f}": None for f in fields}
         head_inputs.update({f"gallery_{f}": 0 for f in fields})
-        head_module = (_ChannelsLastIRNNHead(net, type(probe)) if head == "channels-last"
-                       else _Head(net, type(probe)))
-        add("head", head_module, tuple(probe) + tuple(gallery), head_inputs, ["scores"])
+        add("head", _Head(net, type(probe)), tuple(probe) + tuple(gallery), head_inputs,
+            ["scores"])
         if pair_graph:
             add("pair", _Pair(net), (images, images.flip(0)),
                 {"images_a": 0, "images_b": 0}, ["scores"])
@@ -416,7 +307,6 @@ def _export_into(net: MatchingNetwork, out_dir: Path, opset: int, exporter: str,
 
         manifest = _manifest(net, fields, maps, probe, gallery, graphs, files, exporter,
                              sorted(opsets))
-        manifest["head_graph"] = head
         text = json.dumps(manifest, indent=2) + "\n"
         manifest = json.loads(text)  # what readers see: tuples become lists
         (staging / "manifest.json").write_text(text)

@@ -148,7 +148,8 @@ class MatchingNetwork(nn.Module):
 
 class HeadWeights(NamedTuple):
     entry: tuple[torch.Tensor, torch.Tensor] | None  # projection P then the pooling's in_proj
-    tail: tuple[torch.Tensor, torch.Tensor | None]   # (out_proj then FC) weight and bias
+    tail: tuple[torch.Tensor, torch.Tensor]          # the FC, or out_proj then FC: weight, bias
+    tail_fused: bool                                 # does ``tail`` include out_proj?
 
 
 class TwoStreamMatchingNetwork(MatchingNetwork):
@@ -202,13 +203,16 @@ class TwoStreamMatchingNetwork(MatchingNetwork):
         fc_w = self.fc.weight
         out = self.pooling.out_proj
         if out is None or not self._fuse_tail:
-            return HeadWeights(entry, (fc_w, None))
+            # A zero bias, not None: a linear map with a bias exports to ONNX as one Gemm on
+            # the FC's own weight, which the probe and gallery graphs hold too (stored once);
+            # without one the exporter would store a transposed copy (205 MB for `dsmi`).
+            return HeadWeights(entry, (fc_w, fc_w.new_zeros(fc_w.shape[0])), False)
         k = self.map_size[0] * self.map_size[1]
         w = fc_w.view(fc_w.shape[0], self.channels, k)
         out_w = out.weight.flatten(1)
         tail_w = torch.einsum("fck,cj->fjk", w, out_w).reshape(fc_w.shape[0], -1)
         tail_b = w.sum(-1) @ out.bias
-        return HeadWeights(entry, (tail_w, tail_b))
+        return HeadWeights(entry, (tail_w, tail_b), True)
 
     def score_features(self, probe: StreamFeatures, gallery: StreamFeatures,
                        head_weights: HeadWeights | None = None) -> torch.Tensor:
@@ -216,7 +220,7 @@ class TwoStreamMatchingNetwork(MatchingNetwork):
         x = apply_pointwise(self.fusion.combine(probe.joint, gallery.joint), hw.entry)
         x = self._to_grid(self.pooling.core(x))
         tail_w, tail_b = hw.tail
-        if tail_b is None and self.pooling.out_proj is not None:
+        if not hw.tail_fused and self.pooling.out_proj is not None:
             x = self.pooling.out_proj(x)
         # W F~ without the FC's bias: the bias is in both per-image embeddings already.
         joint = F.linear(x.flatten(1), tail_w, tail_b)

@@ -66,8 +66,6 @@ def test_manifest_describes_the_model(exported):
     assert manifest["variant"] == net.variant
     assert manifest["model_id"] == model_id(net)
     assert tuple(manifest["input_size"]) == net.input_size
-    irnn = manifest["spec"]["pooling"] == "irnn" and manifest["spec"]["head"] == "pair"
-    assert manifest["head_graph"] == ("channels-last" if irnn else "generic")
     assert manifest["opset"] == 17
     with torch.no_grad():
         maps = net.encode(torch.zeros(1, 3, *net.input_size))
@@ -97,22 +95,14 @@ def test_onnx_scores_equal_pytorch(exported, n):
 
 
 @pytest.mark.parametrize("name", ["bcnn-irnn-small", PAPER_TINY])
-def test_generic_and_channels_last_heads_agree(tmp_path, name):
+def test_head_graph_reproduces_pytorch_scores(tmp_path, name):
     net = _build(name)
     images = torch.randn(6, 3, *net.input_size, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = net.score(net.encode(images[:1]), net.encode(images[1:], "b")).numpy()
-    for head in ("generic", "channels-last"):
-        manifest = export_model(net, tmp_path / head, head=head)
-        assert manifest["head_graph"] == head
-        *_, scores = _run_graphs(tmp_path / head, manifest, images[:1].numpy(),
-                                 images[1:].numpy())
-        assert np.abs(scores - expected).max() < 1e-4
-
-
-def test_channels_last_head_needs_irnn_pooling(tmp_path):
-    with pytest.raises(ValueError, match="channels-last"):
-        export_model(_build("mi-spp-small"), tmp_path / "m", head="channels-last")
+    manifest = export_model(net, tmp_path / "m")
+    *_, scores = _run_graphs(tmp_path / "m", manifest, images[:1].numpy(), images[1:].numpy())
+    assert np.abs(scores - expected).max() < 1e-4
 
 
 @pytest.mark.parametrize("name", ["dsmi-small", PAPER_TINY])
