@@ -103,3 +103,21 @@ def test_softmax_variant_and_two_phase_training(tiny_manifest, tmp_path, variant
     else:
         assert phases == ["main", "main"]
     assert summary["best_epoch"] >= 1
+
+
+def test_phase_two_starts_at_the_fc_cnn_similarity(tiny_manifest, tmp_path):
+    cfg = load_config("configs/cpu.yaml", tiny_overrides(
+        tiny_manifest, **{"train.pretrain_epochs": 1, "train.epochs": 1}))
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    fc_cnn = trainer._pretrain_heads[0]
+    trainer._run_epoch()  # the FC-CNN epoch, then the switch to phase 2
+    assert trainer.state.phase == "main"
+    fc_cnn.eval()
+    net = trainer.net.eval()
+    images = torch.randn(5, 3, *net.input_size)
+    with torch.no_grad():
+        maps = net.encode(images)
+        expected = torch.nn.functional.cosine_similarity(fc_cnn.embed(maps[:1]),
+                                                         fc_cnn.embed(maps), dim=1)
+        assert torch.allclose(net.score(maps[:1], maps), expected, atol=1e-5)
+    assert net.pooling.out_proj.weight.abs().sum() == 0

@@ -91,6 +91,20 @@ class Trainer:
             return self._pretrain_heads
         return self.net
 
+    @torch.no_grad()
+    def _start_from_pretrained(self) -> None:
+        """Phase 2 starts where phase 1 ended: the network's FC takes the FC-CNN's FC (same
+        shape: the flattened conv5 map to ``fc_dim``) and the pooling's last projection is
+        zeroed, so F~ = 0 and x = FC(g - F~) is the FC-CNN embedding: the first similarity
+        is FC-CNN's cosine, and binomial deviance refines it from there. The paper copies only
+        the convolutions; starting the head at zero keeps phase 1's matching quality instead
+        of a random head's."""
+        self.net.fc.load_state_dict(self._pretrain_heads[0].fc.state_dict())
+        out = self.net.pooling.out_proj
+        if out is not None:
+            out.weight.zero_()
+            out.bias.zero_()
+
     def _build_phase(self) -> None:
         t = self.cfg.train
         params = [p for p in self._phase_model().parameters() if p.requires_grad]
@@ -290,6 +304,7 @@ class Trainer:
             self.state.stopped = "early_stop"
         elif self.state.epoch >= phase_epochs:
             if self.state.phase == "pretrain":
+                self._start_from_pretrained()
                 self.state.phase = "main"
                 del self._pretrain_heads
                 self._build_phase()
