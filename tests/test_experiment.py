@@ -27,7 +27,8 @@ def test_repeat_a_baseline_and_training_over_splits(tiny_manifest, tmp_path, cap
               "--set", f"data.root={tiny_manifest.parent}", "--set", "data.manifest=tiny.csv",
               "--set", "data.protocol=viper", "--set", "data.val_ids=2",
               "--set", "train.batch_size=8", "--set", "train.epochs=1",
-              "--set", "train.max_minutes=null", "--set", "train.threads=1"]
+              "--set", "train.max_minutes=null", "--set", "train.threads=1",
+              "--set", "train.pretrain_epochs=0"]
     assert main(["repeat", "--out", str(tmp_path / "hist"), "--baseline", "histogram",
                  *common]) == 0
     summary = json.loads((tmp_path / "hist" / "summary.json").read_text())
