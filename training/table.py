@@ -12,8 +12,11 @@ __all__ = ["load_figures", "format_table", "configure", "run"]
 
 
 def load_figures(path: str | Path, protocol: str = "single-shot") -> tuple[str, dict]:
-    """A report.json, a repeat summary.json, or a folder holding either -> (name, figures)."""
+    """A report.json, a repeat summary.json, or a folder holding either -> (name, figures);
+    the name is the folder's when a folder is given (runs of one model differ by folder), else
+    the model's."""
     path = Path(path)
+    folder_name = path.name if path.is_dir() else None
     if path.is_dir():
         for candidate in (path / "summary.json", path / "eval" / "report.json",
                           path / "report.json"):
@@ -31,7 +34,7 @@ def load_figures(path: str | Path, protocol: str = "single-shot") -> tuple[str, 
         figures = next(r for r in data["results"] if r["protocol"] == protocol)
         model = data.get("model") or {}
         name = model.get("name") or path.parent.name
-    return name, figures
+    return folder_name or name, figures
 
 
 def format_table(rows: list[tuple[str, dict]], markdown: bool = False) -> str:
