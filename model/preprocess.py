@@ -95,6 +95,9 @@ def decode_image(source: bytes | str | Path | BinaryIO,
         raise ImageDecodeError(f"image too large: {exc}", "too_many_pixels") from exc
     except FileNotFoundError:
         raise
+    except Image.UnidentifiedImageError as exc:
+        # Pillow's message names an in-memory buffer object, which tells a client nothing
+        raise ImageDecodeError("not an image (no known image format)", "unreadable") from exc
     except Exception as exc:  # Pillow raises many types for broken data
         raise ImageDecodeError(f"not a readable image ({type(exc).__name__}: {exc})",
                                "unreadable") from exc
