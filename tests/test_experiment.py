@@ -48,6 +48,15 @@ def test_repeat_a_baseline_and_training_over_splits(tiny_manifest, tmp_path, cap
     lines = table.strip().splitlines()
     assert len(lines) == 4 and lines[2].startswith("| hist |")
     assert lines[3].startswith("| split-0 |")
+    # the repeat's mean CMC curve is kept, and both runs' curves go into one plot
+    mean_cmc = summary["mean"]["single-shot"]["cmc"]
+    split_cmcs = [next(r for r in t["results"] if r["protocol"] == "single-shot")["cmc"]
+                  for t in tests]
+    assert mean_cmc == pytest.approx(np.mean(split_cmcs, axis=0).tolist())
+    png = tmp_path / "cmc.png"
+    assert main(["table", str(tmp_path / "hist"), str(tmp_path / "dsmi" / "split-0"),
+                 "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_table_formats_std_and_missing_reports(tmp_path):
@@ -57,3 +66,11 @@ def test_table_formats_std_and_missing_reports(tmp_path):
     assert "50.00 ± 1.00" in text and "10 x 10" in text
     with pytest.raises(FileNotFoundError):
         load_figures(tmp_path)
+
+
+def test_table_plot_refuses_reports_without_curves(tmp_path, capsys):
+    (tmp_path / "report.json").write_text(json.dumps(_report(0.2, 0.3)))
+    assert main(["table", str(tmp_path / "report.json"), "--plot",
+                 str(tmp_path / "cmc.png")]) == 2
+    assert "no CMC curve" in capsys.readouterr().err
+    assert not (tmp_path / "cmc.png").exists()

@@ -24,6 +24,8 @@ def aggregate_reports(reports: list[dict], protocol: str = "single-shot") -> dic
         values = np.asarray([row[key] for row in rows], dtype=float)
         out[key] = float(values.mean())
         out[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    if all("cmc" in row for row in rows):  # the mean curve, for dsmi table --plot
+        out["cmc"] = np.mean([row["cmc"] for row in rows], axis=0).tolist()
     return out
 
 

@@ -1,14 +1,18 @@
-"""``dsmi table``: the figures of evaluation reports side by side (text or Markdown)."""
+"""``dsmi table``: the figures of evaluation reports side by side (text or Markdown), and their
+CMC curves in one plot."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+import numpy as np
 
 from .experiment import FIGURES
 
-__all__ = ["load_figures", "format_table", "configure", "run"]
+__all__ = ["load_figures", "format_table", "plot_cmc_curves", "configure", "run"]
 
 
 def load_figures(path: str | Path, protocol: str = "single-shot") -> tuple[str, dict]:
@@ -56,6 +60,42 @@ def format_table(rows: list[tuple[str, dict]], markdown: bool = False) -> str:
                      for r in [header, *body])
 
 
+def plot_cmc_curves(rows: list[tuple[str, dict]], path: str | Path,
+                    title: str | None = None) -> Path:
+    """The CMC curves of several runs (``load_figures`` rows, percent) in one PNG."""
+    missing = [name for name, fig in rows if "cmc" not in fig]
+    if missing:
+        raise ValueError(f"no CMC curve in the report of {', '.join(missing)} (reports "
+                         f"written before curves were kept): rerun dsmi evaluate / repeat")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=100)
+    max_rank = 1
+    for name, figures in rows:
+        cmc = 100 * np.asarray(figures["cmc"])
+        max_rank = max(max_rank, len(cmc))
+        ax.plot(np.arange(1, len(cmc) + 1), cmc, marker="o", markersize=3,
+                label=f"{name}: R1 {cmc[0]:.1f}%, mAP {100 * figures['mAP']:.1f}%")
+    ax.set_xlabel("rank")
+    ax.set_ylabel("matching rate (%)")
+    ax.set_ylim(0, 100)
+    ax.set_xlim(1, max_rank)
+    ax.set_xticks(np.unique(np.r_[1, np.arange(5, max_rank + 1, 5)]) if max_rank >= 5
+                  else np.arange(1, max_rank + 1))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    protocol = rows[0][1].get("protocol", "")
+    ax.set_title(title or f"CMC, {protocol}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Print the figures of evaluation reports side by side: report.json "
                           "files, dsmi repeat summary.json files, or run folders holding them.")
@@ -63,9 +103,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", default="single-shot",
                         choices=("single-shot", "all-gallery"))
     parser.add_argument("--markdown", action="store_true", help="a Markdown table")
+    parser.add_argument("--plot", metavar="PNG", help="also draw the runs' CMC curves into PNG")
+    parser.add_argument("--title", help="title of the --plot figure")
 
 
 def run(args: argparse.Namespace) -> int:
     rows = [load_figures(p, args.protocol) for p in args.paths]
     print(format_table(rows, markdown=args.markdown))
+    if args.plot:
+        try:
+            print(f"CMC curves: {plot_cmc_curves(rows, args.plot, args.title)}")
+        except ValueError as exc:
+            print(f"dsmi table: {exc}", file=sys.stderr)
+            return 2
     return 0
