@@ -121,3 +121,43 @@ def test_phase_two_starts_at_the_fc_cnn_similarity(tiny_manifest, tmp_path):
                                                          fc_cnn.embed(maps), dim=1)
         assert torch.allclose(net.score(maps[:1], maps), expected, atol=1e-5)
     assert net.pooling.out_proj.weight.abs().sum() == 0
+
+
+def test_init_from_copies_every_fitting_tensor(tiny_manifest, tmp_path):
+    first = load_config("configs/cpu.yaml", tiny_overrides(tiny_manifest, **{"train.epochs": 1}))
+    Trainer(first, tmp_path / "a", progress=False).fit()
+    source, _ = load_checkpoint(tmp_path / "a" / "best.pt")
+    cfg = load_config("configs/cpu.yaml", tiny_overrides(
+        tiny_manifest, **{"train.init_from": str(tmp_path / "a" / "best.pt")}))
+    trainer = Trainer(cfg, tmp_path / "b", progress=False)
+    assert trainer.init_report["kept_random"] == []
+    for (name, mine), theirs in zip(trainer.net.state_dict().items(),
+                                    source.state_dict().values(), strict=True):
+        assert torch.equal(mine, theirs), name
+
+    # an FC-CNN of another dataset: same trunk and FC, another identity classifier
+    cfg = load_config("configs/cpu.yaml", tiny_overrides(
+        tiny_manifest, **{"model.variant": "fc-cnn-small", "train.epochs": 1}))
+    Trainer(cfg, tmp_path / "c", progress=False).fit()
+    fc_cnn, _ = load_checkpoint(tmp_path / "c" / "best.pt")
+    cfg = load_config("configs/cpu.yaml", tiny_overrides(
+        tiny_manifest, **{"model.variant": "fc-cnn-small", "data.val_ids": 4,
+                          "train.init_from": str(tmp_path / "c" / "best.pt")}))
+    trainer = Trainer(cfg, tmp_path / "d", progress=False)
+    kept = trainer.init_report["kept_random"]
+    assert kept and all(name.startswith("classifier") for name in kept)
+    key = "trunks.0.features.0.weight"
+    assert torch.equal(trainer.net.state_dict()[key], fc_cnn.state_dict()[key])
+
+
+def test_init_from_refuses_a_missing_or_unfitting_checkpoint(tiny_manifest, tmp_path):
+    cfg = load_config("configs/cpu.yaml", tiny_overrides(
+        tiny_manifest, **{"train.init_from": str(tmp_path / "nothing.pt")}))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        Trainer(cfg, tmp_path, progress=False)
+    torch.save({"format": 1, "variant": "x", "state_dict": {"w": torch.zeros(2)}},
+               tmp_path / "other.pt")
+    cfg = load_config("configs/cpu.yaml", tiny_overrides(
+        tiny_manifest, **{"train.init_from": str(tmp_path / "other.pt")}))
+    with pytest.raises(ValueError, match="no tensor"):
+        Trainer(cfg, tmp_path, progress=False)

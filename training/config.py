@@ -78,6 +78,8 @@ class TrainConfig:
     shift: tuple[int, int] = (5, 10)   # pixels: left/right, then up/down (paper at 224x224)
     patience: int = 5                  # epochs without a better validation mAP before stopping
     pretrain_epochs: int = 0           # phase 1: FC-CNN identity-softmax fine-tuning of the trunk
+    init_from: str | None = None       # a dsmi checkpoint to start from (its tensors whose names
+                                       # and shapes match), e.g. a CUHK03 model for VIPeR
     eval_every: int = 1
     seed: int = 0
     device: str = "cpu"

@@ -72,6 +72,7 @@ class Trainer:
             overrides.setdefault("num_classes", len(self.pid_map))
         self.net: MatchingNetwork = build_model(cfg.model.variant, **overrides).to(self.device)
         self.softmax_only = isinstance(self.net, FCCNN)
+        self.init_report = self._init_from(t.init_from) if t.init_from else None
         self.state = TrainState(phase="main" if t.pretrain_epochs == 0 or self.softmax_only
                                 else "pretrain")
         self._build_phase()
@@ -79,6 +80,27 @@ class Trainer:
             self._resume()
 
     # -- setup -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _init_from(self, path: str | Path) -> dict:
+        """Start from another run's weights, as the paper starts from ImageNet's: every tensor
+        of the checkpoint whose name and shape match this network's is copied (an identity
+        classifier of another dataset has another shape and stays random)."""
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"train.init_from: no checkpoint at {path}")
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(payload, dict) or "state_dict" not in payload:
+            raise ValueError(f"train.init_from: {path} is not a dsmi checkpoint")
+        own = self.net.state_dict()
+        picked = {k: v for k, v in payload["state_dict"].items()
+                  if k in own and own[k].shape == v.shape}
+        if not picked:
+            raise ValueError(f"train.init_from: no tensor of {path} ({payload.get('variant')}) "
+                             f"fits a {self.cfg.model.variant} network")
+        self.net.load_state_dict(picked, strict=False)
+        return {"checkpoint": str(path), "variant": payload.get("variant"),
+                "loaded": len(picked), "kept_random": sorted(set(own) - set(picked))}
 
     def _phase_model(self) -> torch.nn.Module:
         """What the current phase optimises: the FC-CNN around the trunk(s), or the network."""
@@ -240,6 +262,9 @@ class Trainer:
                    "best_epoch": self.state.best_epoch, "best_val_map": self.state.best_map,
                    "train_minutes": round(self.state.elapsed_s / 60, 2),
                    "out": str(self.out)}
+        if self.init_report:
+            summary["init_from"] = {**self.init_report,
+                                    "kept_random": len(self.init_report["kept_random"])}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
