@@ -32,8 +32,9 @@ from .data.records import ImageRecord, by_split, identities
 from .metrics import rank_queries, single_shot
 
 __all__ = ["REPORT_RANKS", "PROTOCOLS", "EvalData", "load_eval_data", "evaluate_distances",
-           "summarise", "plot_cmc", "plot_ranked", "write_report", "format_report",
-           "checkpoint_distances", "evaluate_and_write", "evaluate_run", "configure", "run"]
+           "summarise", "plot_cmc", "plot_cmc_curves", "plot_ranked", "write_report",
+           "format_report", "checkpoint_distances", "evaluate_and_write", "evaluate_run",
+           "configure", "run"]
 
 REPORT_RANKS = (1, 5, 10, 20)
 PROTOCOLS = ("single-shot", "all-gallery")
@@ -124,36 +125,46 @@ def format_report(report: dict) -> str:
 
 # --- figures -------------------------------------------------------------------------------
 
-def plot_cmc(report: dict, path: str | Path, title: str | None = None) -> Path:
-    """CMC curves (ranks 1..max_rank, percent) of every protocol in ``report`` -> PNG."""
+def plot_cmc_curves(curves: Sequence[tuple[str, Sequence[float], float]], path: str | Path,
+                    title: str) -> Path:
+    """CMC curves ``(label, cmc fractions for ranks 1..R, mAP)`` in one PNG, in percent; each
+    legend entry ends with its rank-1 and mAP."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     path = Path(path)
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=100)
-    for res in report["results"]:
-        cmc = 100 * np.asarray(res["cmc"])
-        ranks = np.arange(1, len(cmc) + 1)
-        label = (f"{res['protocol']} ({res['trials']} trials)" if res["trials"] > 1
-                 else res["protocol"]) + f": R1 {cmc[0]:.1f}%, mAP {100 * res['mAP']:.1f}%"
-        ax.plot(ranks, cmc, marker="o", markersize=3, label=label)
+    max_rank = 1
+    for label, cmc, mean_ap in curves:
+        cmc = 100 * np.asarray(cmc)
+        max_rank = max(max_rank, len(cmc))
+        ax.plot(np.arange(1, len(cmc) + 1), cmc, marker="o", markersize=3,
+                label=f"{label}: R1 {cmc[0]:.1f}%, mAP {100 * mean_ap:.1f}%")
     ax.set_xlabel("rank")
     ax.set_ylabel("matching rate (%)")
     ax.set_ylim(0, 100)
-    ax.set_xlim(1, report.get("max_rank", 20))
-    ax.set_xticks([1, 5, 10, 15, 20] if report.get("max_rank", 20) == 20 else
-                  np.unique(np.linspace(1, report["max_rank"], 6).round().astype(int)))
+    ax.set_xlim(1, max_rank)
+    ax.set_xticks(np.unique(np.r_[1, np.arange(5, max_rank + 1, 5)]) if max_rank >= 5
+                  else np.arange(1, max_rank + 1))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    model = report.get("model", {})
-    ax.set_title(title or f"CMC: {model.get('name', '?')} on {report.get('dataset', '?')} "
-                          f"{report.get('split', '')}", fontsize=10)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_cmc(report: dict, path: str | Path, title: str | None = None) -> Path:
+    """CMC curves (ranks 1..max_rank, percent) of every protocol in ``report`` -> PNG."""
+    curves = [((f"{res['protocol']} ({res['trials']} trials)" if res["trials"] > 1
+                else res["protocol"]), res["cmc"], res["mAP"]) for res in report["results"]]
+    model = report.get("model", {})
+    return plot_cmc_curves(curves, path, title or f"CMC: {model.get('name', '?')} on "
+                                                   f"{report.get('dataset', '?')} "
+                                                   f"{report.get('split', '')}")
 
 
 def plot_ranked(distmat: np.ndarray, queries: Sequence[ImageRecord],

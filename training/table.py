@@ -8,11 +8,10 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
+from .evaluate import plot_cmc_curves
 from .experiment import FIGURES
 
-__all__ = ["load_figures", "format_table", "plot_cmc_curves", "configure", "run"]
+__all__ = ["load_figures", "format_table", "plot_runs", "configure", "run"]
 
 
 def load_figures(path: str | Path, protocol: str = "single-shot") -> tuple[str, dict]:
@@ -60,40 +59,14 @@ def format_table(rows: list[tuple[str, dict]], markdown: bool = False) -> str:
                      for r in [header, *body])
 
 
-def plot_cmc_curves(rows: list[tuple[str, dict]], path: str | Path,
-                    title: str | None = None) -> Path:
-    """The CMC curves of several runs (``load_figures`` rows, percent) in one PNG."""
+def plot_runs(rows: list[tuple[str, dict]], path: str | Path, title: str | None = None) -> Path:
+    """The CMC curves of several runs (``load_figures`` rows) in one PNG."""
     missing = [name for name, fig in rows if "cmc" not in fig]
     if missing:
         raise ValueError(f"no CMC curve in the report of {', '.join(missing)} (reports "
                          f"written before curves were kept): rerun dsmi evaluate / repeat")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=100)
-    max_rank = 1
-    for name, figures in rows:
-        cmc = 100 * np.asarray(figures["cmc"])
-        max_rank = max(max_rank, len(cmc))
-        ax.plot(np.arange(1, len(cmc) + 1), cmc, marker="o", markersize=3,
-                label=f"{name}: R1 {cmc[0]:.1f}%, mAP {100 * figures['mAP']:.1f}%")
-    ax.set_xlabel("rank")
-    ax.set_ylabel("matching rate (%)")
-    ax.set_ylim(0, 100)
-    ax.set_xlim(1, max_rank)
-    ax.set_xticks(np.unique(np.r_[1, np.arange(5, max_rank + 1, 5)]) if max_rank >= 5
-                  else np.arange(1, max_rank + 1))
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    protocol = rows[0][1].get("protocol", "")
-    ax.set_title(title or f"CMC, {protocol}", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return plot_cmc_curves([(name, fig["cmc"], fig["mAP"]) for name, fig in rows], path,
+                           title or f"CMC, {rows[0][1].get('protocol', '')}")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -112,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(rows, markdown=args.markdown))
     if args.plot:
         try:
-            print(f"CMC curves: {plot_cmc_curves(rows, args.plot, args.title)}")
+            print(f"CMC curves: {plot_runs(rows, args.plot, args.title)}")
         except ValueError as exc:
             print(f"dsmi table: {exc}", file=sys.stderr)
             return 2
