@@ -31,3 +31,15 @@ def test_ruff_is_clean():
     result = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_train_help_names_every_config_field():
+    import dataclasses
+
+    from training.config import DataConfig, ModelConfig, TrainConfig
+    out = subprocess.run([sys.executable, "-m", "training.cli", "train", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    flat = " ".join(out.split())  # the list is wrapped
+    for section, cls in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig)):
+        for f in dataclasses.fields(cls):
+            assert f"{section}.{f.name}=" in flat, f"{section}.{f.name}"

@@ -143,3 +143,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, raw = item.split("=", 1)
         _set_dotted(tree, key.strip(), yaml.safe_load(raw))
     return _build(Config, tree, str(path or "config"))
+
+
+def describe_fields() -> str:
+    """Every config field as ``section.name=default``, comma-separated, for ``--help``."""
+    return ", ".join(f"{section}.{f.name}={_default_text(f)}"
+                     for section, cls in (("model", ModelConfig), ("data", DataConfig),
+                                          ("train", TrainConfig))
+                     for f in dataclasses.fields(cls))
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return str(f.default)
+    return str(f.default_factory())  # type: ignore[misc]

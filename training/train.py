@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import signal
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from model import FCCNN, binomial_deviance, build_model
 from model.checkpoint import save_checkpoint
 from model.network import MatchingNetwork
 
-from .config import Config, load_config
+from .config import Config, describe_fields, load_config
 from .data.dataset import ReIDImages
 from .data.records import relabel
 from .data.sampling import IdentityBatchSampler, RandomBatchSampler
@@ -370,6 +371,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-eval", action="store_true",
                         help="skip the test evaluation of best.pt at the end")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (
+        "examples:\n"
+        "  dsmi train --config configs/cpu.yaml --out runs/cpu\n"
+        "  dsmi train --config configs/cpu.yaml --set model.variant=fc-cnn-small --out runs/fc\n"
+        "  dsmi train --config configs/paper.yaml --device cuda --out runs/paper\n"
+        "  dsmi train --out runs/viper-ft --set data.protocol=viper --set data.manifest=viper.csv"
+        " \\\n      --set train.init_from=runs/cpu/best.pt --set train.pretrain_epochs=0\n\n"
+        "config fields (--set KEY=VALUE; built-in defaults, which the config file overrides):\n"
+        + textwrap.indent(textwrap.fill(describe_fields(), 96, break_on_hyphens=False), "  "))
 
 
 def run(args: argparse.Namespace) -> int:
