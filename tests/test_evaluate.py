@@ -100,6 +100,43 @@ def test_evaluate_a_checkpoint(tmp_path, manifest):
     assert again["data_info"] == {"note": "x"} and (tmp_path / "again" / "cmc.png").is_file()
 
 
+def test_embedding_only_drops_the_pair_head(tmp_path, manifest):
+    """``--embedding-only`` scores by cos(FC(g_A), FC(g_B)): the same as the full network when
+    its head gives F~ = 0 (last projection zeroed), different when the head is live."""
+    import torch
+
+    from model import build_model
+    from model.checkpoint import save_checkpoint
+    from training.inference import distance_matrix
+
+    data = load_eval_data(manifest, split="val")
+    torch.manual_seed(0)
+    net = build_model("dsmi-small", dropout=0.0)
+    with torch.no_grad():  # a live head: F~ large enough to move the scores
+        net.pooling.out_proj.weight.mul_(50)
+    full = distance_matrix(net, data.queries, data.gallery)
+    alone = distance_matrix(net, data.queries, data.gallery, embedding_only=True)
+    assert alone.shape == full.shape == (12, 12)
+    assert np.abs(full - alone).max() > 1e-3
+    with torch.no_grad():
+        net.pooling.out_proj.weight.zero_()
+        net.pooling.out_proj.bias.zero_()
+    np.testing.assert_allclose(distance_matrix(net, data.queries, data.gallery), alone,
+                               atol=1e-5)
+
+    ckpt = save_checkpoint(tmp_path / "small.pt", net, epoch=1)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--embedding-only", "--data",
+                 str(manifest), "--split", "val", "--out", str(out), "--trials", "2",
+                 "--no-progress", "--save-distances"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"]["embedding_only"] is True
+    assert report["model"]["name"] == "dsmi-small (embedding only)"
+    np.testing.assert_allclose(np.load(out / "distances.npz")["distances"], alone, atol=1e-5)
+    assert main(["evaluate", "--baseline", "pixels", "--embedding-only", "--data",
+                 str(manifest), "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+
+
 def test_evaluate_a_baseline(tmp_path, manifest):
     out = tmp_path / "eval"
     rc = main(["evaluate", "--baseline", "histogram", "--data", str(manifest),

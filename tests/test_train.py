@@ -105,6 +105,59 @@ def test_softmax_variant_and_two_phase_training(tiny_manifest, tmp_path, variant
     assert summary["best_epoch"] >= 1
 
 
+def test_pk_sampler_is_for_the_pair_loss_only(tiny_manifest, tmp_path):
+    from training.data.sampling import IdentityBatchSampler, RandomBatchSampler
+
+    pk = {"train.sampler": "pk", "train.instances_per_id": 2}
+    fc_cnn = Trainer(load_config("configs/cpu.yaml", tiny_overrides(
+        tiny_manifest, **{"model.variant": "fc-cnn-small", **pk})), tmp_path / "a", progress=False)
+    assert isinstance(fc_cnn.loader.batch_sampler, RandomBatchSampler)
+    dsmi = Trainer(load_config("configs/cpu.yaml", tiny_overrides(
+        tiny_manifest, **{"train.pretrain_epochs": 1, **pk})), tmp_path / "b", progress=False)
+    (tmp_path / "b").mkdir()
+    assert isinstance(dsmi.loader.batch_sampler, RandomBatchSampler)  # phase 1: softmax
+    dsmi._run_epoch()
+    assert dsmi.state.phase == "main"
+    assert isinstance(dsmi.loader.batch_sampler, IdentityBatchSampler)
+
+
+@pytest.mark.parametrize("optimizer,cls", [("adam", torch.optim.Adam),
+                                           ("adamw", torch.optim.AdamW),
+                                           ("sgd", torch.optim.SGD)])
+def test_optimizers(tiny_manifest, tmp_path, optimizer, cls):
+    cfg = load_config("configs/cpu.yaml", tiny_overrides(
+        tiny_manifest, **{"train.optimizer": optimizer, "train.weight_decay": 0.01}))
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    assert type(trainer.optimizer) is cls
+    assert trainer.optimizer.param_groups[0]["weight_decay"] == 0.01
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        Trainer(load_config("configs/cpu.yaml", tiny_overrides(
+            tiny_manifest, **{"train.optimizer": "lbfgs"})), tmp_path / "x", progress=False)
+
+
+def test_adamw_keeps_a_head_without_loss_gradient(tiny_manifest, tmp_path):
+    """Phase 2 starts with the IRNN's last projection at zero, so nothing behind it gets a
+    loss gradient at first. Adam's L2 decay still drives those weights towards zero at about
+    lr per step; AdamW's decoupled decay shrinks them by only lr * weight_decay."""
+    norms = {}
+    for optimizer in ("adam", "adamw"):
+        cfg = load_config("configs/cpu.yaml", tiny_overrides(
+            tiny_manifest, **{"train.optimizer": optimizer, "train.lr": 0.01,
+                              "train.weight_decay": 0.01}))
+        torch.manual_seed(0)
+        trainer = Trainer(cfg, tmp_path / optimizer, progress=False)
+        net = trainer.net
+        w = net.pooling.layers[0].in_conv.weight
+        before = w.detach().abs().mean().item()
+        for _ in range(10):  # no loss gradient reaches the pooling: only the decay acts
+            for p in net.pooling.parameters():
+                p.grad = torch.zeros_like(p)
+            trainer.optimizer.step()
+        norms[optimizer] = w.detach().abs().mean().item() / before
+    assert norms["adamw"] > 0.99
+    assert norms["adam"] < 0.9
+
+
 def test_phase_two_starts_at_the_fc_cnn_similarity(tiny_manifest, tmp_path):
     cfg = load_config("configs/cpu.yaml", tiny_overrides(
         tiny_manifest, **{"train.pretrain_epochs": 1, "train.epochs": 1}))

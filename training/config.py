@@ -67,7 +67,7 @@ class TrainConfig:
     batch_size: int = 128
     sampler: str = "random"            # "random": 128 images from all cameras; "pk": P ids x K
     instances_per_id: int = 4          # K of the "pk" sampler
-    optimizer: str = "adam"            # "adam" or "sgd"
+    optimizer: str = "adam"            # "adam", "adamw" (decoupled weight decay) or "sgd"
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 5e-4

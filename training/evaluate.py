@@ -373,13 +373,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run_opts.add_argument("--save-distances", action="store_true",
                           help="also write distances.npz (distances, pids, camids, paths)")
     run_opts.add_argument("--no-progress", action="store_true", help="no progress bars")
+    what.add_argument("--embedding-only", action="store_true",
+                      help="checkpoint: score by the per-image embeddings FC(g) alone (F~ = 0), "
+                           "without the gate/IRNN head: what the head adds")
 
 
 def checkpoint_distances(checkpoint: str | Path, queries: Sequence[ImageRecord],
                          gallery: Sequence[ImageRecord], device: str = "cpu",
                          batch_size: int = 64, pair_batch: int = 4096, num_workers: int = 0,
-                         progress: bool = False) -> tuple[np.ndarray, dict]:
-    """Load a checkpoint and compute its ``(Q, G)`` distances -> ``(distances, model info)``."""
+                         progress: bool = False, embedding_only: bool = False
+                         ) -> tuple[np.ndarray, dict]:
+    """Load a checkpoint and compute its ``(Q, G)`` distances -> ``(distances, model info)``.
+    ``embedding_only``: see :func:`training.inference.distance_matrix`."""
     import torch
 
     from model.checkpoint import load_checkpoint
@@ -392,8 +397,11 @@ def checkpoint_distances(checkpoint: str | Path, queries: Sequence[ImageRecord],
     net, payload = load_checkpoint(checkpoint, map_location="cpu")
     net.to(device)
     dist = distance_matrix(net, queries, gallery, batch_size=batch_size, pair_batch=pair_batch,
-                           device=device, num_workers=num_workers, progress=progress)
-    info = {"kind": "checkpoint", "name": net.variant, "variant": net.variant,
+                           device=device, num_workers=num_workers, progress=progress,
+                           embedding_only=embedding_only)
+    name = f"{net.variant} (embedding only)" if embedding_only else net.variant
+    info = {"kind": "checkpoint", "name": name, "variant": net.variant,
+            "embedding_only": embedding_only,
             "checkpoint": str(Path(checkpoint).resolve()), "input_size": list(net.input_size),
             "epoch": payload.get("epoch")}
     return dist, info
@@ -478,8 +486,11 @@ def run(args: argparse.Namespace) -> int:
             dist, model_info = checkpoint_distances(
                 args.checkpoint, data.queries, data.gallery, device=args.device,
                 batch_size=args.batch_size, pair_batch=args.pair_batch,
-                num_workers=args.workers, progress=progress)
+                num_workers=args.workers, progress=progress,
+                embedding_only=args.embedding_only)
         else:
+            if args.embedding_only:
+                raise ValueError("--embedding-only applies to a --checkpoint, not a baseline")
             dist = baseline_distance(args.baseline, data.queries, data.gallery,
                                      progress=progress)
             model_info = {"kind": "baseline", "name": args.baseline, "variant": None,

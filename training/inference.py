@@ -35,13 +35,22 @@ def encode_records(net: MatchingNetwork, records: Sequence[ImageRecord], stream:
 def distance_matrix(net: MatchingNetwork, queries: Sequence[ImageRecord],
                     gallery: Sequence[ImageRecord], batch_size: int = 64,
                     pair_batch: int = 4096, device: str | torch.device = "cpu",
-                    num_workers: int = 0, progress: bool = False) -> np.ndarray:
-    """``(Q, G)`` distances (1 - similarity; lower is a better match). Queries are stream A."""
+                    num_workers: int = 0, progress: bool = False,
+                    embedding_only: bool = False) -> np.ndarray:
+    """``(Q, G)`` distances (1 - similarity; lower is a better match). Queries are stream A.
+
+    ``embedding_only`` drops the per-pair head (F~ = 0): the cosine of the per-image
+    embeddings FC(g_A), FC(g_B), which is what the gate and the IRNNs are measured against.
+    """
     net.eval()
     q_feats = net.prepare_probe(encode_records(net, queries, "a", batch_size, device,
                                                num_workers, progress))
     g_feats = net.prepare_gallery(encode_records(net, gallery, "b", batch_size, device,
                                                  num_workers, progress))
+    if embedding_only:
+        q_emb = torch.nn.functional.normalize(q_feats.embedding.float(), dim=1)
+        g_emb = torch.nn.functional.normalize(g_feats.embedding.float(), dim=1)
+        return (1 - q_emb @ g_emb.T).cpu().numpy().astype(np.float32)
     rows = range(len(queries))
     if progress:
         from tqdm import tqdm

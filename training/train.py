@@ -133,6 +133,11 @@ class Trainer:
         params = [p for p in self._phase_model().parameters() if p.requires_grad]
         if t.optimizer == "adam":
             self.optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+        elif t.optimizer == "adamw":
+            # Decoupled decay: Adam's L2 term is rescaled per parameter, so a weight whose loss
+            # gradient is ~0 (the gate and IRNNs behind the zeroed projection when phase 2
+            # starts) is driven to zero at a rate of lr per step, and the head never wakes up.
+            self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
         elif t.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum,
                                              weight_decay=t.weight_decay, nesterov=True)
@@ -147,7 +152,9 @@ class Trainer:
         if hasattr(self, "loader"):
             dataset = self.loader.dataset  # keep the image cache across phases
         pids = [r.pid for r in self.train_records]
-        if t.sampler == "random" or self.state.phase == "pretrain":
+        # P x K exists to give the pair loss positives; an identity softmax (phase 1, FC-CNN)
+        # learns from every image, so it keeps the paper's random batches.
+        if t.sampler == "random" or self.state.phase == "pretrain" or self.softmax_only:
             sampler = RandomBatchSampler(len(dataset), t.batch_size, t.seed)
         elif t.sampler == "pk":
             sampler = IdentityBatchSampler(pids, t.batch_size, t.instances_per_id, t.seed)
