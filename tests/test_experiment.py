@@ -28,7 +28,7 @@ def test_repeat_a_baseline_and_training_over_splits(tiny_manifest, tmp_path, cap
               "--set", "data.protocol=viper", "--set", "data.val_ids=2",
               "--set", "train.batch_size=8", "--set", "train.epochs=1",
               "--set", "train.max_minutes=null", "--set", "train.threads=1",
-              "--set", "train.pretrain_epochs=0"]
+              "--set", "train.pretrain_epochs=0", "--set", "train.eval_every=1"]
     assert main(["repeat", "--out", str(tmp_path / "hist"), "--baseline", "histogram",
                  *common]) == 0
     summary = json.loads((tmp_path / "hist" / "summary.json").read_text())

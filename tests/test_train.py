@@ -16,7 +16,7 @@ def tiny_overrides(manifest, **extra):
     items = {"data.root": str(manifest.parent), "data.manifest": manifest.name,
              "data.test_split": "test", "data.val_ids": 3, "train.batch_size": 16,
              "train.epochs": 2, "train.max_minutes": None, "train.patience": 10,
-             "train.threads": 1, "train.pretrain_epochs": 0, **extra}
+             "train.threads": 1, "train.pretrain_epochs": 0, "train.eval_every": 1, **extra}
     return [f"{k}={json.dumps(v) if v is None else v}" for k, v in items.items()]
 
 
