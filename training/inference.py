@@ -48,9 +48,11 @@ def distance_matrix(net: MatchingNetwork, queries: Sequence[ImageRecord],
     g_feats = net.prepare_gallery(encode_records(net, gallery, "b", batch_size, device,
                                                  num_workers, progress))
     if embedding_only:
-        q_emb = torch.nn.functional.normalize(q_feats.embedding.float(), dim=1)
-        g_emb = torch.nn.functional.normalize(g_feats.embedding.float(), dim=1)
-        return (1 - q_emb @ g_emb.T).cpu().numpy().astype(np.float32)
+        from .baselines import cosine_distance
+
+        q_emb, g_emb = (torch.nn.functional.normalize(f.embedding.float(), dim=1).cpu().numpy()
+                        for f in (q_feats, g_feats))
+        return cosine_distance(q_emb, g_emb)
     rows = range(len(queries))
     if progress:
         from tqdm import tqdm
