@@ -13,7 +13,7 @@ import torch
 from .factory import build_model
 from .network import MatchingNetwork
 
-__all__ = ["save_checkpoint", "load_checkpoint", "CHECKPOINT_FORMAT"]
+__all__ = ["save_checkpoint", "read_checkpoint", "load_checkpoint", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = 1
 
@@ -30,15 +30,21 @@ def save_checkpoint(path: str | Path, net: MatchingNetwork, **extra) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str = "cpu"
-                    ) -> tuple[MatchingNetwork, dict]:
-    """Rebuild the network a checkpoint describes and load its weights -> ``(net, payload)``."""
+def read_checkpoint(path: str | Path, map_location: str = "cpu") -> dict:
+    """The payload of a checkpoint file, checked to be one of ours (no network is built)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     payload = torch.load(path, map_location=map_location, weights_only=False)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a dsmi checkpoint (format {CHECKPOINT_FORMAT})")
+    return payload
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu"
+                    ) -> tuple[MatchingNetwork, dict]:
+    """Rebuild the network a checkpoint describes and load its weights -> ``(net, payload)``."""
+    payload = read_checkpoint(path, map_location)
     args = dict(payload["build_args"])
     name = args.pop("name", payload["variant"])
     # Pretrained weights were only the starting point; the checkpoint holds the trained ones.

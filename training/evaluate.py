@@ -335,6 +335,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--checkpoint", type=Path, help="a checkpoint written by dsmi train")
     model.add_argument("--baseline", choices=("histogram", "pixels"),
                        help="a non-learned baseline: striped HSV histograms or raw pixels")
+    what.add_argument("--embedding-only", action="store_true",
+                      help="checkpoint: score by the per-image embeddings FC(g) alone (F~ = 0), "
+                           "without the gate/IRNN head: what the head adds")
     data = parser.add_argument_group("data and protocol")
     data.add_argument("--data", type=Path, required=True,
                       help="a manifest CSV (path,pid,camid,split) or an official-layout root")
@@ -373,9 +376,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run_opts.add_argument("--save-distances", action="store_true",
                           help="also write distances.npz (distances, pids, camids, paths)")
     run_opts.add_argument("--no-progress", action="store_true", help="no progress bars")
-    what.add_argument("--embedding-only", action="store_true",
-                      help="checkpoint: score by the per-image embeddings FC(g) alone (F~ = 0), "
-                           "without the gate/IRNN head: what the head adds")
 
 
 def checkpoint_distances(checkpoint: str | Path, queries: Sequence[ImageRecord],

@@ -23,7 +23,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from model import FCCNN, binomial_deviance, build_model
-from model.checkpoint import save_checkpoint
+from model.checkpoint import read_checkpoint, save_checkpoint
 from model.network import MatchingNetwork
 
 from .config import Config, describe_fields, load_config
@@ -90,9 +90,7 @@ class Trainer:
         path = Path(path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"train.init_from: no checkpoint at {path}")
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(payload, dict) or "state_dict" not in payload:
-            raise ValueError(f"train.init_from: {path} is not a dsmi checkpoint")
+        payload = read_checkpoint(path)
         own = self.net.state_dict()
         picked = {k: v for k, v in payload["state_dict"].items()
                   if k in own and own[k].shape == v.shape}
