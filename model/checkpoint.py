@@ -47,9 +47,9 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu"
     payload = read_checkpoint(path, map_location)
     args = dict(payload["build_args"])
     name = args.pop("name", payload["variant"])
-    # Pretrained weights were only the starting point; the checkpoint holds the trained ones.
-    args.pop("weights", None)
-    args.pop("weights_b", None)
+    # Pretrained weights were only the starting point; the checkpoint holds the trained ones
+    # (None, not absent: some variants default to ImageNet weights).
+    args.update(weights=None, weights_b=None)
     net = build_model(name, **args)
     net.load_state_dict(payload["state_dict"])
     return net, payload

@@ -11,7 +11,7 @@ from torch import nn
 from .fusion import BilinearFusion, HadamardFusion, MultiplicativeGate
 from .network import FCCNN, MatchingNetwork, TwoStreamMatchingNetwork
 from .pooling import GlobalAveragePooling, SpatialPyramidPooling, StackedConv, StackedIRNN
-from .trunks import TRUNK_STRIDE, SmallTrunk, VGG16Trunk, VGGMTrunk
+from .trunks import TRUNK_STRIDE, EfficientNetLite0Trunk, SmallTrunk, VGG16Trunk, VGGMTrunk
 from .weights import load_trunk_weights
 
 __all__ = ["VariantSpec", "VARIANTS", "build_model", "list_variants", "variant_spec"]
@@ -21,11 +21,13 @@ __all__ = ["VariantSpec", "VARIANTS", "build_model", "list_variants", "variant_s
 class VariantSpec:
     """Everything that tells one variant from another. Every field can be overridden.
 
-    trunk / trunk_b: ``vgg16``, ``vggm``, ``small-vggd``, ``small-vggm`` (``trunk_b=None``:
-    the streams share one trunk). fusion: ``gate`` (Eq. 2), ``gate-linear`` (Eq. 1),
-    ``hadamard`` (MI), ``bilinear`` (B-CNN). pooling: ``irnn``, ``spp``, ``gap``, ``conv``, or
-    ``none`` with ``head="fc-cnn"``. embed_dim: d (or the bilinear rank); hidden: IRNN / conv
-    width; fc_dim: width of x_A, x_B (or of FC-CNN's embedding); input_size: (H, W).
+    trunk / trunk_b: ``vgg16``, ``vggm``, ``small-vggd``, ``small-vggm``, ``lite0``
+    (EfficientNet-Lite0 to stride 16; ``trunk_b=None``: the streams share one trunk).
+    trunk_frozen: leading trunk stages kept fixed in training (``lite0`` only).
+    fusion: ``gate`` (Eq. 2), ``gate-linear`` (Eq. 1), ``hadamard`` (MI), ``bilinear`` (B-CNN).
+    pooling: ``irnn``, ``spp``, ``gap``, ``conv``, or ``none`` with ``head="fc-cnn"``.
+    embed_dim: d (or the bilinear rank); hidden: IRNN / conv width; fc_dim: width of x_A, x_B
+    (or of FC-CNN's embedding); input_size: (H, W).
     """
 
     trunk: str = "vgg16"
@@ -42,6 +44,7 @@ class VariantSpec:
     num_classes: int = 1000
     weights: str | None = None      # None (random), "imagenet", or a path; for trunk A
     weights_b: str | None = None    # the same for trunk B when the streams do not share
+    trunk_frozen: int = 0
 
 
 _SMALL = dict(embed_dim=64, hidden=32, fc_dim=128, input_size=(128, 64))
@@ -70,8 +73,24 @@ def _small(spec: VariantSpec) -> VariantSpec:
         trunk_b=_SMALL_TRUNK[spec.trunk_b] if spec.trunk_b else None, **narrow)
 
 
+# The ImageNet EfficientNet-Lite0 trunk (stride 16, 112 channels) at 192x96: a 12x6 grid.
+# Input size and head widths are set by the cost of training all pairs of 128-image batches
+# on a CPU (docs/model.md). The stem and blocks 0-2 (stride <= 8) stay at ImageNet's.
+_LITE0 = dict(trunk="lite0", embed_dim=64, hidden=32, fc_dim=256, input_size=(192, 96),
+              weights="imagenet", trunk_frozen=4)
+_LITE0_BASES = ("dsmi", "mi-spp", "bcnn-spp", "bcnn-irnn", "dsmi-gap", "dsmi-conv", "fc-cnn")
+
+
+def _lite0(spec: VariantSpec) -> VariantSpec:
+    narrow = dict(_LITE0)
+    if spec.fusion == "bilinear":
+        narrow["embed_dim"] = 16
+    return dataclasses.replace(spec, **narrow)
+
+
 VARIANTS: dict[str, VariantSpec] = {
-    **_BASE, **{f"{name}-small": _small(spec) for name, spec in _BASE.items()}}
+    **_BASE, **{f"{name}-small": _small(spec) for name, spec in _BASE.items()},
+    **{f"{name}-lite0": _lite0(_BASE[name]) for name in _LITE0_BASES}}
 
 
 def list_variants() -> list[str]:
@@ -91,12 +110,15 @@ def variant_spec(name: str, **overrides) -> VariantSpec:
     return dataclasses.replace(VARIANTS[name], **overrides)
 
 
-def _build_trunk(kind: str, weights: str | Path | None) -> nn.Module:
+def _build_trunk(kind: str, weights: str | Path | None, frozen: int = 0) -> nn.Module:
     builders = {"vgg16": VGG16Trunk, "vggm": VGGMTrunk,
                 "small-vggd": lambda: SmallTrunk(style="vggd"),
-                "small-vggm": lambda: SmallTrunk(style="vggm")}
+                "small-vggm": lambda: SmallTrunk(style="vggm"),
+                "lite0": lambda: EfficientNetLite0Trunk(frozen_stages=frozen)}
     if kind not in builders:
         raise ValueError(f"unknown trunk {kind!r}; known: {', '.join(builders)}")
+    if frozen and kind != "lite0":
+        raise ValueError(f"trunk_frozen is for the lite0 trunk, not {kind!r}")
     trunk = builders[kind]()
     if weights is not None:
         load_trunk_weights(trunk, weights)
@@ -128,20 +150,22 @@ def _build_pooling(spec: VariantSpec, channels: int) -> nn.Module:
 def build_model(name: str = "dsmi", **overrides) -> MatchingNetwork:
     """Build the named variant (see ``VARIANTS``), with any ``VariantSpec`` field overridden.
 
-    ``weights="imagenet"`` loads torchvision's VGG-16 weights from the local cache (a clear
-    error if they are not there; nothing is downloaded); a path loads a state dict.
+    ``weights="imagenet"`` loads ImageNet weights from this machine (torchvision's VGG-16 from
+    the local cache; EfficientNet-Lite0 from its package): a clear error if they are not
+    there, nothing is downloaded. A path loads a state dict; ``None`` leaves the trunk random.
     """
     spec = variant_spec(name, **overrides)
     h, w = spec.input_size
     if h % TRUNK_STRIDE or w % TRUNK_STRIDE:
         raise ValueError(f"input_size {spec.input_size} must be a multiple of {TRUNK_STRIDE}")
     map_size = (h // TRUNK_STRIDE, w // TRUNK_STRIDE)
-    trunk_a = _build_trunk(spec.trunk, spec.weights)
+    trunk_a = _build_trunk(spec.trunk, spec.weights, spec.trunk_frozen)
     if spec.head == "fc-cnn":
         net: MatchingNetwork = FCCNN(trunk_a, map_size, spec.fc_dim, spec.num_classes,
                                      spec.dropout)
     else:
-        trunk_b = _build_trunk(spec.trunk_b, spec.weights_b) if spec.trunk_b else None
+        trunk_b = (_build_trunk(spec.trunk_b, spec.weights_b, spec.trunk_frozen)
+                   if spec.trunk_b else None)
         channels = trunk_a.out_channels
         net = TwoStreamMatchingNetwork(trunk_a, _build_fusion(spec, channels),
                                        _build_pooling(spec, channels), map_size, spec.fc_dim,

@@ -176,16 +176,19 @@ class TwoStreamMatchingNetwork(MatchingNetwork):
         self.map_size = tuple(map_size)
         self.fc = nn.Linear(channels * self.map_size[0] * self.map_size[1], fc_dim)
         self.channels = channels
-        # The tail (pooling's out_proj, then the FC) is fused into one matrix only where that
-        # at least halves the work per pair: for wide hidden layers the fused matrix is huge.
+        # The tail (pooling's out_proj, then the FC) is fused into one matrix for inference
+        # only where that at least halves the work per pair: for wide hidden layers the fused
+        # matrix is huge, and it is stored beside the FC's. In training it is recomposed at
+        # every step and never stored, so there it is fused whenever it saves work.
         cells = self.map_size[0] * self.map_size[1]
         if pooling.out_proj is None:
-            self._fuse_tail = False
+            self._fuse_tail = self._fuse_tail_training = False
         else:
             c = pooling.core_channels
             fused = fc_dim * c * cells
             unfused = c * channels * cells + channels * cells * fc_dim
             self._fuse_tail = 2 * fused <= unfused
+            self._fuse_tail_training = fused <= unfused
 
     def _prepare(self, maps: torch.Tensor, embed) -> StreamFeatures:
         return StreamFeatures(embed(maps), self.fc(self._to_grid(maps).flatten(1)))
@@ -202,7 +205,7 @@ class TwoStreamMatchingNetwork(MatchingNetwork):
         entry = compose_pointwise(self.fusion.projection, self.pooling.in_proj)
         fc_w = self.fc.weight
         out = self.pooling.out_proj
-        if out is None or not self._fuse_tail:
+        if out is None or not (self._fuse_tail_training if self.training else self._fuse_tail):
             # A zero bias, not None: a linear map with a bias exports to ONNX as one Gemm on
             # the FC's own weight, which the probe and gallery graphs hold too (stored once);
             # without one the exporter would store a transposed copy (205 MB for `dsmi`).

@@ -1,8 +1,10 @@
 """Convolutional trunks: an image batch ``(B, 3, H, W)`` to a conv5 map ``(B, C, H/16, W/16)``.
 
-Every trunk has an overall stride of 16 and ends in a ReLU, so a 224x224 image gives a 14x14 map
-and a 128x64 image an 8x4 map, whichever trunk is used. The (VGG-D, VGG-M) variant multiplies the
-two streams' maps location by location, which needs the grids to agree.
+Every trunk has an overall stride of 16, so a 224x224 image gives a 14x14 map, a 256x128 image
+a 16x8 map and a 128x64 image an 8x4 map, whichever trunk is used. The VGG-style trunks end in a
+ReLU (conv5_3 + ReLU); the EfficientNet-Lite0 trunk ends on its linear bottleneck (see there).
+The (VGG-D, VGG-M) variant multiplies the two streams' maps location by location, which needs
+the grids to agree.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import torch
 from torch import nn
 from torchvision.models import vgg16
 
-__all__ = ["VGG16Trunk", "VGGMTrunk", "SmallTrunk", "TRUNK_STRIDE"]
+__all__ = ["VGG16Trunk", "VGGMTrunk", "SmallTrunk", "EfficientNetLite0Trunk", "TRUNK_STRIDE"]
 
 TRUNK_STRIDE = 16
 
@@ -114,3 +116,54 @@ class SmallTrunk(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.features(images)
+
+
+class EfficientNetLite0Trunk(nn.Module):
+    """EfficientNet-Lite0 (timm's ``efficientnet_lite0``) cut after its stride-16 stage.
+
+    ``(B, 3, H, W)`` -> ``(B, 112, H/16, W/16)``: the stem and stages 0-4 (``blocks[:5]``);
+    the two stride-32 stages and the 1280-channel head are left out, so a 256x128 crop keeps a
+    16x8 grid for the gate and the IRNNs ("where to match") instead of 8x4. Attribute names are
+    timm's (``conv_stem``, ``bn1``, ``blocks.N...``), so the ImageNet state dict loads by name
+    (:mod:`model.weights`). The last block ends on its linear bottleneck (no activation): the
+    ImageNet network's next layer reads it that way, and a ReLU would drop half its signal.
+
+    ``frozen_stages``: how many leading pieces of ``(stem, block 0, ..., block 4)`` keep their
+    weights and batch-norm statistics fixed in training (``train()`` leaves them in eval mode).
+    With a small re-id set this keeps the ImageNet low-level filters and skips their backward
+    pass, the costliest part of a CPU training step (high-resolution depthwise convolutions).
+    """
+
+    out_channels = 112
+    family = "efficientnet_lite0"
+    stages = 6  # the stem, then blocks 0-4
+
+    def __init__(self, frozen_stages: int = 0) -> None:
+        super().__init__()
+        if not 0 <= frozen_stages <= self.stages:
+            raise ValueError(f"frozen_stages must be in 0..{self.stages}, not {frozen_stages}")
+        try:
+            import timm
+        except ImportError as exc:  # pragma: no cover - timm is in the train extra
+            raise ImportError("the EfficientNet-Lite0 trunk needs timm: pip install "
+                              "'dsmi-reid[train]'") from exc
+        full = timm.create_model("efficientnet_lite0", pretrained=False)
+        self.conv_stem, self.bn1 = full.conv_stem, full.bn1
+        self.blocks = full.blocks[:5]
+        self.frozen_stages = frozen_stages
+        for module in self._frozen_modules():
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        pieces = [nn.ModuleList([self.conv_stem, self.bn1]), *self.blocks]
+        return pieces[:self.frozen_stages]
+
+    def train(self, mode: bool = True) -> EfficientNetLite0Trunk:
+        super().train(mode)
+        for module in self._frozen_modules():
+            module.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.bn1(self.conv_stem(images)))

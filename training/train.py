@@ -26,7 +26,7 @@ from model import FCCNN, binomial_deviance, build_model
 from model.checkpoint import read_checkpoint, save_checkpoint
 from model.network import MatchingNetwork
 
-from .config import Config, describe_fields, load_config
+from .config import Config, describe_fields, load_config, validate_config
 from .data.dataset import ReIDImages
 from .data.records import relabel
 from .data.sampling import IdentityBatchSampler, RandomBatchSampler
@@ -57,13 +57,12 @@ class Trainer:
                  progress: bool = True) -> None:
         self.cfg, self.out = cfg, Path(out_dir)
         self.progress = progress
+        validate_config(cfg)
         t = cfg.train
         if t.threads:
             torch.set_num_threads(t.threads)
         torch.manual_seed(t.seed)
         self.device = torch.device(t.device)
-        if t.precision not in ("fp32", "bf16"):
-            raise ValueError(f"train.precision must be fp32 or bf16, not {t.precision!r}")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--device cuda was asked for but no CUDA device is available")
         self.data: DataSplits = prepare_data(cfg.data)
@@ -126,9 +125,24 @@ class Trainer:
             out.weight.zero_()
             out.bias.zero_()
 
+    def _param_groups(self) -> list[dict]:
+        """Four groups: trunk or not (``train.trunk_lr_mult`` scales the trunk's learning
+        rate: a pretrained trunk needs smaller steps than the new FC, gate and IRNNs) x decayed
+        or not (weight decay on weight matrices and kernels only: biases and norm scales are
+        offsets, and decaying them only pulls a layer away from its fit)."""
+        trunk = {id(p) for p in self.net.trunks.parameters()}
+        groups: dict[tuple[bool, bool], list] = {}
+        for p in self._phase_model().parameters():
+            if p.requires_grad:
+                groups.setdefault((id(p) in trunk, p.dim() >= 2), []).append(p)
+        mult = self.cfg.train.trunk_lr_mult
+        return [{"params": params, "lr_mult": mult if in_trunk else 1.0,
+                 **({} if decayed else {"weight_decay": 0.0})}
+                for (in_trunk, decayed), params in sorted(groups.items())]
+
     def _build_phase(self) -> None:
         t = self.cfg.train
-        params = [p for p in self._phase_model().parameters() if p.requires_grad]
+        params = self._param_groups()
         if t.optimizer == "adam":
             self.optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
         elif t.optimizer == "adamw":
@@ -139,33 +153,36 @@ class Trainer:
         elif t.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum,
                                              weight_decay=t.weight_decay, nesterov=True)
-        else:
-            raise ValueError(f"unknown optimizer {t.optimizer!r}")
-        if t.schedule not in ("cosine", "constant"):
-            raise ValueError(f"unknown schedule {t.schedule!r}")
         self.base_lr = t.lr
-        dataset = ReIDImages(self.train_records, self.net.input_size,
-                             transform=FlipShift(t.flip, t.shift),
-                             cache=self.cfg.data.cache_images)
+        # Augmentation runs on whole batches on the training device (FlipShift), so the
+        # loader's workers only decode, and a GPU is not left waiting on per-image CPU work.
+        self.augment = FlipShift(t.flip, t.shift)
         if hasattr(self, "loader"):
             dataset = self.loader.dataset  # keep the image cache across phases
+        else:
+            dataset = ReIDImages(self.train_records, self.net.input_size,
+                                 cache=self.cfg.data.cache_images)
+            if self.cfg.data.cache_images and self.cfg.data.num_workers > 0:
+                # Decoded once here: forked workers then share the cache instead of each
+                # filling its own copy.
+                dataset.preload(progress=self.progress)
         pids = [r.pid for r in self.train_records]
         # P x K exists to give the pair loss positives; an identity softmax (phase 1, FC-CNN)
         # learns from every image, so it keeps the paper's random batches.
         if t.sampler == "random" or self.state.phase == "pretrain" or self.softmax_only:
             sampler = RandomBatchSampler(len(dataset), t.batch_size, t.seed)
-        elif t.sampler == "pk":
-            sampler = IdentityBatchSampler(pids, t.batch_size, t.instances_per_id, t.seed)
         else:
-            raise ValueError(f"unknown sampler {t.sampler!r}")
-        self.loader = DataLoader(dataset, batch_sampler=sampler,
-                                 num_workers=self.cfg.data.num_workers)
+            sampler = IdentityBatchSampler(pids, t.batch_size, t.instances_per_id, t.seed)
+        workers = self.cfg.data.num_workers
+        self.loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                 pin_memory=self.device.type == "cuda",
+                                 persistent_workers=workers > 0)
 
     def _resume(self) -> None:
         path = self.out / "last.pt"
         if not path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-        payload = torch.load(path, map_location=self.device, weights_only=False)
+        payload = read_checkpoint(path, map_location=self.device)
         self.net.load_state_dict(payload["state_dict"])
         self.state = TrainState(**payload["train_state"])
         # A finished run resumed (e.g. with more epochs) trains on; each epoch end re-decides.
@@ -245,7 +262,7 @@ class Trainer:
             floor = 0.01 * lr
             lr = floor + (lr - floor) * 0.5 * (1 + math.cos(math.pi * self._progress(started)))
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)
 
     def _over_budget(self, started: float) -> bool:
         budget = self.cfg.train.max_minutes
@@ -291,7 +308,8 @@ class Trainer:
         self._batch_in_epoch = 0
         for images, pids, _cams, _idx in batches:
             self._set_lr(started)
-            images, pids = images.to(self.device), pids.to(self.device)
+            images = self.augment(images.to(self.device, non_blocking=True))
+            pids = pids.to(self.device, non_blocking=True)
             loss = self._loss(images, pids)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at step {self.state.step}")

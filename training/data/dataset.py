@@ -31,6 +31,17 @@ class ReIDImages(Dataset):
         self.mean, self.std = mean, std
         self._cache: dict[int, torch.Tensor] | None = {} if cache else None
 
+    def preload(self, progress: bool = False) -> None:
+        """Decode every image into the cache now (``cache=True`` only)."""
+        if self._cache is None:
+            raise ValueError("preload needs a dataset built with cache=True")
+        indices = range(len(self))
+        if progress:
+            from tqdm import tqdm
+            indices = tqdm(indices, desc="decode", unit="image", leave=False)
+        for index in indices:
+            self[index]
+
     def __len__(self) -> int:
         return len(self.records)
 

@@ -1,4 +1,8 @@
-"""Training augmentation on normalised image tensors ``(3, H, W)``: the paper's flip and shift."""
+"""Training augmentation on normalised image tensors: the paper's flip and shift.
+
+It runs on whole batches ``(B, 3, H, W)`` where they are (on the GPU when training there), so
+the loader only has to deliver images.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +13,25 @@ __all__ = ["shift_image", "FlipShift"]
 
 
 def shift_image(image: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
-    """Move ``image`` ``(3, H, W)`` by ``dx`` pixels right and ``dy`` down, repeating the border
-    pixels into the space it leaves (the paper pads the borders)."""
+    """Move ``image`` ``(..., 3, H, W)`` by ``dx`` pixels right and ``dy`` down, repeating the
+    border pixels into the space it leaves (the paper pads the borders)."""
     if dx == 0 and dy == 0:
         return image
-    _, h, w = image.shape
-    padded = F.pad(image[None], (abs(dx), abs(dx), abs(dy), abs(dy)), mode="replicate")[0]
+    h, w = image.shape[-2:]
+    batch = image.reshape(-1, *image.shape[-3:])
+    padded = F.pad(batch, (abs(dx), abs(dx), abs(dy), abs(dy)), mode="replicate")
     top, left = abs(dy) - dy, abs(dx) - dx
-    return padded[:, top:top + h, left:left + w]
+    return padded[..., top:top + h, left:left + w].reshape(image.shape)
 
 
 class FlipShift:
     """Random horizontal flip (p = 0.5), then a shift of ``-sx, 0 or +sx`` pixels horizontally
-    and ``-sy, 0 or +sy`` vertically, each equally likely: the paper's flipped, left/right and
-    up/down shifted copies, drawn at random per sample instead of stored."""
+    and ``-sy, 0 or +sy`` vertically, each equally likely, drawn per image: the paper's
+    flipped, left/right and up/down shifted copies, drawn at random instead of stored.
+
+    Takes one image ``(3, H, W)`` or a batch ``(B, 3, H, W)`` on any device; the draws come
+    from ``generator`` on the CPU (a few numbers per image), the pixels never leave the device.
+    """
 
     def __init__(self, flip: bool = True, shift: tuple[int, int] = (5, 10),
                  generator: torch.Generator | None = None) -> None:
@@ -30,12 +39,22 @@ class FlipShift:
         self.sx, self.sy = shift
         self.generator = generator
 
-    def _choice(self, n: int) -> int:
-        return int(torch.randint(n, (1,), generator=self.generator))
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        if self.flip and self._choice(2):
-            image = image.flip(-1)
-        dx = (self._choice(3) - 1) * self.sx
-        dy = (self._choice(3) - 1) * self.sy
-        return shift_image(image, dx, dy)
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dim() == 3:
+            return self(images[None])[0]
+        n = images.shape[0]
+        draws = torch.randint(6, (n, 3), generator=self.generator)
+        flip = (draws[:, 0] % 2 == 1) & self.flip
+        dx = (draws[:, 1] % 3 - 1) * self.sx
+        dy = (draws[:, 2] % 3 - 1) * self.sy
+        if flip.any():
+            index = flip.nonzero()[:, 0].to(images.device)
+            images = images.index_copy(0, index, images.index_select(0, index).flip(-1))
+        out = images
+        # One batched shift per (dx, dy) pair that was drawn: at most nine.
+        for sx, sy in torch.unique(torch.stack([dx, dy], 1), dim=0).tolist():
+            if sx == 0 and sy == 0:
+                continue
+            index = ((dx == sx) & (dy == sy)).nonzero()[:, 0].to(images.device)
+            out = out.index_copy(0, index, shift_image(images.index_select(0, index), sx, sy))
+        return out
