@@ -6,9 +6,10 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import UploadFile
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from .store import GalleryItem
+from .store.base import LABEL_MAX, InvalidItem, check_label
 
 __all__ = ["GALLERY_PATTERN", "IMAGE_ID_PATTERN", "LABEL_MAX", "TOP_K_MAX", "ErrorBody",
            "ErrorResponse", "GalleryImage", "UploadResponse", "ImageList", "DeletedImage",
@@ -18,7 +19,6 @@ __all__ = ["GALLERY_PATTERN", "IMAGE_ID_PATTERN", "LABEL_MAX", "TOP_K_MAX", "Err
 # Gallery names go into store keys and URLs: a conservative alphabet.
 GALLERY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 IMAGE_ID_PATTERN = r"^[0-9a-f]{32}$"
-LABEL_MAX = 128   # longest person_id / camera_id
 TOP_K_MAX = 1000
 
 
@@ -69,6 +69,8 @@ class ImageList(BaseModel):
     offset: int
     limit: int
     images: list[GalleryImage]
+    skipped: int = Field(0, description="Entries of this page left out because they could not "
+                                        "be read (damaged in the store; the log names them)")
 
 
 class DeletedImage(BaseModel):
@@ -135,8 +137,15 @@ class Readiness(BaseModel):
 
 # -- multipart forms --------------------------------------------------------------------------
 
+def _printable(value: str) -> str:
+    try:
+        return check_label("id", value)
+    except InvalidItem as exc:
+        raise ValueError(str(exc)) from None
+
+
 Label = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1,
-                                         max_length=LABEL_MAX)]
+                                         max_length=LABEL_MAX), AfterValidator(_printable)]
 
 
 class UploadForm(BaseModel):

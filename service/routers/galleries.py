@@ -22,7 +22,8 @@ from ..schemas import (
     UploadResponse,
 )
 from ..settings import Settings
-from ..store import GalleryItem, GalleryStore, NewItem, new_image_id
+from ..store import GalleryItem, GalleryStore, InvalidItem, NewItem, new_image_id
+from ..store.base import METADATA_MAX_DEPTH, check_metadata
 from .common import MULTIPART, GalleryName, ImageId, errors
 
 if TYPE_CHECKING:
@@ -34,9 +35,20 @@ _FILENAME_MAX = 255
 _OFFSET_MAX = 2**31 - 1
 
 
+def _clean_filename(name: str | None) -> str | None:
+    """A client's file name as stored: printable characters only, at most 255 of them."""
+    if not name:
+        return None
+    return "".join(ch if ch.isprintable() else "?" for ch in name[:_FILENAME_MAX])
+
+
 def _not_found(gallery: str) -> ServiceError:
     return ServiceError(404, "gallery_not_found", f"no gallery named {gallery!r}",
                         details={"gallery": gallery})
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not standard JSON")
 
 
 def _parse_metadata(values: list[str] | None, n: int, max_bytes: int) -> list[dict[str, Any]]:
@@ -46,7 +58,11 @@ def _parse_metadata(values: list[str] | None, n: int, max_bytes: int) -> list[di
     parsed = []
     for k, text in enumerate(values):
         try:
-            parsed.append(json.loads(text))
+            parsed.append(json.loads(text, parse_constant=_reject_constant))
+        except RecursionError as exc:
+            raise ServiceError(422, "invalid_metadata",
+                               f"metadata[{k}] is nested more than {METADATA_MAX_DEPTH} levels "
+                               "deep", details={"index": k}) from exc
         except ValueError as exc:
             raise ServiceError(422, "invalid_metadata", f"metadata[{k}] is not valid JSON: {exc}",
                                details={"index": k}) from exc
@@ -66,6 +82,11 @@ def _parse_metadata(values: list[str] | None, n: int, max_bytes: int) -> list[di
             raise ServiceError(422, "invalid_metadata",
                                f"metadata for image {k} must be a JSON object, not "
                                f"{type(entry).__name__}", details={"index": k})
+        try:
+            check_metadata(entry)
+        except InvalidItem as exc:
+            raise ServiceError(422, "invalid_metadata", f"metadata for image {k}: {exc}",
+                               details={"index": k}) from None
         size = len(json.dumps(entry))
         if size > max_bytes:
             raise ServiceError(422, "invalid_metadata",
@@ -113,9 +134,15 @@ def upload_images(gallery: GalleryName, form: Annotated[UploadForm, MULTIPART],
                           [upload.filename for upload in form.images])
     items = [GalleryItem(image_id=new_image_id(), person_id=pid, camera_id=cam,
                          metadata=meta, width=d.width, height=d.height,
-                         filename=(upload.filename or None) and upload.filename[:_FILENAME_MAX])
+                         filename=_clean_filename(upload.filename))
              for upload, pid, cam, meta, d in zip(form.images, form.person_id, form.camera_id,
                                                   metadata, decoded, strict=True)]
+    for k, item in enumerate(items):  # what the store would refuse, refused before any write
+        try:
+            item.check()
+        except InvalidItem as exc:
+            raise ServiceError(422, "invalid_item", f"image {k}: {exc}",
+                               details={"index": k}) from None
     size = store.add_items(gallery, [NewItem(i, b) for i, b in zip(items, blobs, strict=True)])
     metrics.images_stored.inc(n)
     return UploadResponse(gallery=gallery, model_id=engine.model_id, count=n,
@@ -133,8 +160,10 @@ def list_images(gallery: GalleryName,
     if listed is None:
         raise _not_found(gallery)
     total, items = listed
+    expected = max(0, min(limit, total - offset))
     return ImageList(gallery=gallery, total=total, offset=offset, limit=limit,
-                     images=[GalleryImage.from_item(i) for i in items])
+                     images=[GalleryImage.from_item(i) for i in items],
+                     skipped=max(0, expected - len(items)))
 
 
 @router.get("/{gallery}/images/{image_id}", response_model=GalleryImage,

@@ -4,6 +4,7 @@ from .base import (
     Chunk,
     GalleryItem,
     GalleryStore,
+    InvalidItem,
     NewItem,
     StoreError,
     StoreUnavailable,
@@ -12,5 +13,5 @@ from .base import (
 from .memory_store import MemoryGalleryStore
 from .redis_store import RedisGalleryStore
 
-__all__ = ["Chunk", "GalleryItem", "GalleryStore", "NewItem", "StoreError", "StoreUnavailable",
-           "new_image_id", "MemoryGalleryStore", "RedisGalleryStore"]
+__all__ = ["Chunk", "GalleryItem", "GalleryStore", "InvalidItem", "NewItem", "StoreError",
+           "StoreUnavailable", "new_image_id", "MemoryGalleryStore", "RedisGalleryStore"]

@@ -8,6 +8,7 @@ field name (the conv5 map and the engine's cached gallery fields).
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -15,7 +16,55 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["GalleryItem", "NewItem", "Chunk", "checked_blobs", "GalleryStore", "StoreError",
-           "StoreUnavailable", "new_image_id"]
+           "StoreUnavailable", "new_image_id", "InvalidItem", "check_label", "check_metadata",
+           "LABEL_MAX", "METADATA_MAX_DEPTH"]
+
+LABEL_MAX = 128          # longest person_id / camera_id
+METADATA_MAX_DEPTH = 16  # nesting levels of metadata (the top-level object is level 1)
+_JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+class InvalidItem(ValueError):
+    """An item's description breaks the rules every stored item keeps; the message says
+    which field. Uploads refuse such items; readers skip a stored one as damaged."""
+
+
+def check_label(name: str, value: object) -> str:
+    """A person or camera id: 1 to ``LABEL_MAX`` printable characters (no control, format,
+    e.g. NUL or bidirectional overrides, or separator characters other than the space)."""
+    if not isinstance(value, str):
+        raise InvalidItem(f"{name} must be a string, not {type(value).__name__}")
+    if not 1 <= len(value) <= LABEL_MAX:
+        raise InvalidItem(f"{name} must have 1 to {LABEL_MAX} characters, not {len(value)}")
+    bad = next((ch for ch in value if not ch.isprintable()), None)
+    if bad is not None:
+        raise InvalidItem(f"{name} holds the unprintable character U+{ord(bad):04X}")
+    return value
+
+
+def check_metadata(value: object, max_depth: int = METADATA_MAX_DEPTH) -> dict[str, Any]:
+    """Metadata: a JSON object of standard JSON (string keys, no NaN or infinities), nested
+    at most ``max_depth`` levels. Walked without recursion, so any depth is answered."""
+    if not isinstance(value, dict):
+        raise InvalidItem(f"metadata must be a JSON object, not {type(value).__name__}")
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth > max_depth:
+                raise InvalidItem(f"metadata is nested more than {max_depth} levels deep")
+            if isinstance(node, dict):
+                if not all(isinstance(k, str) for k in node):
+                    raise InvalidItem("metadata keys must be strings")
+                children = node.values()
+            else:
+                children = node
+            stack.extend((child, depth + 1) for child in children)
+        elif isinstance(node, float) and not math.isfinite(node):
+            raise InvalidItem("metadata holds NaN or an infinity, which JSON does not have")
+        elif not isinstance(node, _JSON_SCALARS):
+            raise InvalidItem(f"metadata holds a {type(node).__name__}, which is not JSON")
+    return value
 
 
 class StoreError(RuntimeError):
@@ -43,12 +92,38 @@ class GalleryItem:
     height: int | None = None
     created_at: float = field(default_factory=time.time)
 
+    def check(self) -> GalleryItem:
+        """Raise :class:`InvalidItem` unless every field keeps the rules of a stored item."""
+        check_label("person_id", self.person_id)
+        check_label("camera_id", self.camera_id)
+        check_metadata(self.metadata)
+        if not isinstance(self.image_id, str) or not self.image_id:
+            raise InvalidItem("image_id must be a non-empty string")
+        if self.filename is not None and not isinstance(self.filename, str):
+            raise InvalidItem("filename must be a string")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise InvalidItem(f"{name} must be an integer")
+        if not isinstance(self.created_at, (int, float)) or not math.isfinite(self.created_at):
+            raise InvalidItem("created_at must be a finite number")
+        return self
+
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        """The stored form: checked, standard JSON (``InvalidItem`` if it cannot be)."""
+        self.check()
+        return json.dumps(asdict(self), separators=(",", ":"), allow_nan=False).encode()
 
     @classmethod
     def from_json(cls, data: bytes | str) -> GalleryItem:
-        return cls(**json.loads(data))
+        """Parse and check a stored form; ``ValueError`` (or ``InvalidItem``) if damaged."""
+        try:
+            fields = json.loads(data)
+        except RecursionError as exc:
+            raise InvalidItem("entry nested too deeply to read") from exc
+        if not isinstance(fields, dict):
+            raise InvalidItem("entry is not a JSON object")
+        return cls(**fields).check()
 
 
 @dataclass(frozen=True)
@@ -92,7 +167,8 @@ class GalleryStore(Protocol):
 
     def add_items(self, gallery: str, items: Sequence[NewItem]) -> int:
         """Store all ``items`` in ``gallery`` (created if new) at once: after a failure none
-        of them is stored (TypeError, before any write, for a blob that is not bytes).
+        of them is stored (before any write: TypeError for a blob that is not bytes,
+        :class:`InvalidItem` for a description that breaks :meth:`GalleryItem.check`).
         Returns the gallery's size afterwards."""
 
     def gallery_size(self, gallery: str) -> int | None:

@@ -26,8 +26,8 @@ class MemoryGalleryStore:
         return None
 
     def add_items(self, gallery: str, items: Sequence[NewItem]) -> int:
-        # Copy first, then insert under the lock: nothing can fail half-way.
-        entries = [(new.item.image_id, (new.item, blobs))
+        # Check and copy first, then insert under the lock: nothing can fail half-way.
+        entries = [(new.item.image_id, (new.item.check(), blobs))
                    for new, blobs in zip(items, checked_blobs(items), strict=True)]
         with self._lock:
             stored = self._galleries.setdefault(gallery, {})

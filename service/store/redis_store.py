@@ -119,6 +119,7 @@ class RedisGalleryStore:
 
     def add_items(self, gallery: str, items: Sequence[NewItem]) -> int:
         blobs = checked_blobs(items)
+        metas = [new.item.to_json() for new in items]  # checked before anything is written
         with self._guard("store the upload"):
             if not items:
                 return self.gallery_size(gallery) or 0
@@ -128,8 +129,8 @@ class RedisGalleryStore:
             pipe.sadd(self._galleries_key(), gallery)
             pipe.zadd(self._ids_key(gallery),
                       {new.item.image_id: first + k for k, new in enumerate(items)})
-            for new, item_blobs in zip(items, blobs, strict=True):
-                mapping = {_META: new.item.to_json()}
+            for new, meta, item_blobs in zip(items, metas, blobs, strict=True):
+                mapping = {_META: meta}
                 mapping.update({_blob_key(f): v for f, v in item_blobs.items()})
                 pipe.hset(self._item_key(gallery, new.item.image_id), mapping=mapping)
             pipe.zcard(self._ids_key(gallery))
