@@ -21,7 +21,7 @@ from fastapi import Depends, FastAPI
 from .deps import require_api_key
 from .errors import install_error_handlers
 from .metrics import MetricsMiddleware, ServiceMetrics
-from .middleware import ApiKeyMiddleware, BodyLimitMiddleware
+from .middleware import AdmissionMiddleware, ApiKeyMiddleware, BodyLimitMiddleware
 from .routers import galleries, health, query
 from .routers.common import errors
 from .settings import Settings
@@ -135,11 +135,16 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
         yield
         if app.state.owns_store and app.state.store is not None:
             app.state.store.close()
+        metrics.process_exited()
 
     app = FastAPI(title="DSMI re-id matching service", version=__version__,
                   description=DESCRIPTION, lifespan=lifespan)
     state = app.state
     state.settings, state.metrics = settings, metrics
+    state.key_ring = settings.key_ring()
+    # No trailing-slash redirects: Starlette builds their Location from the client's Host
+    # header; a path with a stray slash is a plain 404 instead.
+    app.router.redirect_slashes = False
     state.engine, state.store, state.pending_store = None, None, store
     state.owns_store = False
     state.warnings = []
@@ -153,12 +158,16 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
     app.include_router(health.router)
     for router in (galleries.router, query.router):
         app.include_router(router, dependencies=[Depends(require_api_key)],
-                           responses=errors(401))
+                           responses=errors(401, 403))
 
     # Added innermost first. The API key is checked before the body is read, the body size
     # while it is read; the metrics see every answer, labelled by route template.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
-    app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
+    app.add_middleware(AdmissionMiddleware,
+                       limits={"query": settings.max_inflight_queries,
+                               "upload": settings.max_inflight_uploads},
+                       on_refuse=lambda kind: metrics.refused.labels(kind).inc())
+    app.add_middleware(ApiKeyMiddleware, ring=state.key_ring)
     routes = [r for r in app.routes if hasattr(r, "path")]
     routes += [*health.router.routes, *galleries.router.routes, *query.router.routes]
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=routes)

@@ -68,7 +68,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: no exported model in {model_dir}: pass --model-dir or set "
               "DSMI_MODEL_DIR to a folder written by 'dsmi export'", file=sys.stderr)
         return 2
+    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # One folder where the workers add up their metrics (service.metrics); set before
+        # the workers start, each reads it at import.
+        import tempfile
+
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dsmi-metrics-")
     level = settings.log_level.lower()
     uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port,
-                workers=args.workers, log_level=level, log_config=_log_config(level))
+                workers=args.workers, log_level=level, log_config=_log_config(level),
+                timeout_keep_alive=settings.keep_alive_seconds)
     return 0

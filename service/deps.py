@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from fastapi import Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from .auth import ApiKey, KeyRing, required_access
 from .errors import ServiceError
 from .metrics import ServiceMetrics
 from .settings import Settings
@@ -18,10 +17,10 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 __all__ = ["get_settings", "get_metrics", "get_engine", "get_store", "require_api_key",
-           "api_key_error"]
+           "authorize", "current_key"]
 
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
-                               description="One of the keys in DSMI_API_KEYS")
+                               description="An API key (DSMI_API_KEYS, DSMI_API_KEYS_FILE)")
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
 
 
@@ -50,23 +49,15 @@ def get_store(request: Request) -> GalleryStore:
     return store
 
 
-def _matches_any(given: str, keys: Sequence[str]) -> bool:
-    # Every key is compared, each in constant time: neither the time nor the position of a
-    # match says anything about the keys.
-    given_bytes = given.encode()
-    found = False
-    for key in keys:
-        found |= hmac.compare_digest(given_bytes, key.encode())
-    return found
-
-
-def api_key_error(api_key: str | None, authorization: str | None,
-                  keys: Sequence[str]) -> ServiceError | None:
-    """The 401 to answer, or ``None`` when no key is needed or a valid one is given.
-
-    The key comes as ``X-API-Key: KEY`` or ``Authorization: Bearer KEY``."""
-    if not keys:
-        return None
+def authorize(ring: KeyRing, method: str, path: str, api_key: str | None,
+              authorization: str | None) -> tuple[ApiKey | None, ServiceError | None]:
+    """The key a request authenticates with and the error to answer (``None`` when the
+    request may go on). No keys configured: everything is open. The key comes as
+    ``X-API-Key: KEY`` or ``Authorization: Bearer KEY``; 401 without a valid one, 403 when
+    the key lacks the right or the gallery (:func:`service.auth.required_access`)."""
+    access = required_access(method, path)
+    if not ring or access is None:
+        return None, None
     given = api_key
     if given is None and authorization:
         scheme, _, credentials = authorization.partition(" ")
@@ -74,21 +65,35 @@ def api_key_error(api_key: str | None, authorization: str | None,
             given = credentials.strip()
     challenge = {"WWW-Authenticate": 'Bearer realm="dsmi"'}
     if not given:
-        return ServiceError(401, "unauthorized", "an API key is required: send it as "
-                            "X-API-Key or Authorization: Bearer", headers=challenge)
-    if not _matches_any(given, keys):
-        return ServiceError(401, "unauthorized", "invalid API key", headers=challenge)
-    return None
+        return None, ServiceError(401, "unauthorized", "an API key is required: send it as "
+                                  "X-API-Key or Authorization: Bearer", headers=challenge)
+    key = ring.find(given)
+    if key is None:
+        return None, ServiceError(401, "unauthorized", "invalid API key", headers=challenge)
+    right, gallery = access
+    if not key.allows(right, gallery):
+        where = f" on gallery {gallery!r}" if gallery else ""
+        return key, ServiceError(403, "forbidden", f"this API key has no {right} right{where}",
+                                 details={"right": right, "gallery": gallery})
+    return key, None
+
+
+def current_key(request: Request) -> ApiKey | None:
+    """The API key the request was authorised with (``None`` when no keys are configured)."""
+    return getattr(request.state, "api_key", None)
 
 
 def require_api_key(request: Request,
                     api_key: str | None = Security(_api_key_header),
                     bearer: HTTPAuthorizationCredentials | None = Security(_bearer)) -> None:
-    """When ``DSMI_API_KEYS`` is set, the request must carry one of the keys.
+    """When API keys are configured, the request must carry one with the right scope.
 
-    :class:`service.middleware.ApiKeyMiddleware` checks this before the body is read; this
-    dependency documents the schemes in OpenAPI and checks again."""
-    error = api_key_error(api_key, request.headers.get("authorization"),
-                          request.app.state.settings.api_keys)
-    if error is not None:
-        raise error
+    :class:`service.middleware.ApiKeyMiddleware` decides this before the body is read; this
+    dependency documents the two schemes in OpenAPI and refuses a request that reached a
+    route without passing it (an app assembled without the middleware)."""
+    ring: KeyRing = request.app.state.key_ring
+    if ring and current_key(request) is None:
+        _, error = authorize(ring, request.method, request.url.path, api_key,
+                             request.headers.get("authorization"))
+        if error is not None:
+            raise error

@@ -99,14 +99,13 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 
 async def _store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
-    log.warning("store unavailable: %s", exc)
-    return error_response(503, "store_unavailable", str(exc), headers={"Retry-After": "1"})
+    log.warning("store unavailable: %s", exc)  # the log keeps the address and the cause
+    return error_response(503, "store_unavailable", exc.public, headers={"Retry-After": "1"})
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
-    return error_response(500, "internal_error",
-                          f"internal error ({type(exc).__name__}); see the service log")
+    return error_response(500, "internal_error", "internal error; see the service log")
 
 
 def install_error_handlers(app: FastAPI) -> None:

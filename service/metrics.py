@@ -4,10 +4,18 @@ collide), and the ASGI middleware that counts and times every request."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.routing import BaseRoute, Match
@@ -54,11 +62,25 @@ class _GalleryCollector(Collector):
         yield up
 
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_dir() -> str | None:
+    """The folder where worker processes share their metrics (``dsmi serve --workers N``
+    sets it), or ``None`` for a single process."""
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
 class ServiceMetrics:
-    """The service's metrics. ``registry``: where to register them (a new one by default)."""
+    """The service's metrics. ``registry``: where to register them (a new one by default).
+
+    With several worker processes (:func:`multiprocess_dir` set) each worker writes its
+    counts to files in that folder and every scrape sums all workers' files, so that
+    ``/metrics`` reports the service as a whole, whichever worker answers it."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self.multiprocess = multiprocess_dir() is not None
         r = self.registry
         self.requests = Counter("dsmi_http_requests", "HTTP requests by route and status",
                                 ["method", "route", "status"], registry=r)
@@ -79,11 +101,16 @@ class ServiceMetrics:
         self.items_skipped = Counter("dsmi_gallery_items_skipped",
                                      "Gallery items skipped in queries: unreadable cache entry",
                                      registry=r)
+        self.refused = Counter("dsmi_requests_refused", "Requests refused as overload "
+                               "(503 overloaded), by kind", ["kind"], registry=r)
         self.model_info = Gauge("dsmi_model_info", "The loaded model (value 1)",
-                                ["model_id", "variant", "providers"], registry=r)
+                                ["model_id", "variant", "providers"], registry=r,
+                                multiprocess_mode="max")
+        self._store_collector: Collector | None = None
 
     def watch_store(self, store: Callable[[], GalleryStore | None]) -> None:
-        self.registry.register(_GalleryCollector(store))
+        self._store_collector = _GalleryCollector(store)
+        self.registry.register(self._store_collector)
 
     def set_model(self, model_id: str, variant: str, providers: list[str]) -> None:
         self.model_info.labels(model_id, variant, ",".join(providers)).set(1)
@@ -94,7 +121,20 @@ class ServiceMetrics:
         self.latency.labels(*labels).observe(seconds)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        # Every worker's files, summed; the store's figures are read once, here.
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        if self._store_collector is not None:
+            registry.register(self._store_collector)
+        return generate_latest(registry)
+
+    @staticmethod
+    def process_exited(pid: int | None = None) -> None:
+        """Drop an exited worker's live gauges from the shared folder."""
+        if multiprocess_dir() is not None:
+            multiprocess.mark_process_dead(pid or os.getpid())
 
 
 def route_template(routes: Sequence[BaseRoute], scope: Scope) -> str:

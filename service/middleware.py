@@ -1,15 +1,18 @@
-"""Checks made before a request body is read: the API key, the body size."""
+"""Checks made before a request body is read: the API key, the body size, the load."""
 
 from __future__ import annotations
+
+import re
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .deps import api_key_error
+from .auth import KeyRing
+from .deps import authorize
 from .errors import error_response
 
-__all__ = ["BodyLimitMiddleware", "ApiKeyMiddleware"]
+__all__ = ["BodyLimitMiddleware", "ApiKeyMiddleware", "AdmissionMiddleware", "work_kind"]
 
 
 class BodyTooLarge(HTTPException):
@@ -55,24 +58,76 @@ class BodyLimitMiddleware:
 
 
 class ApiKeyMiddleware:
-    """Answers 401 to a request under ``prefix`` without a valid API key, before its body is
-    read or validated (an unauthenticated client gets nothing parsed)."""
+    """Answers 401 (no valid key) or 403 (a key without the right or the gallery) before a
+    request's body is read or validated: an unauthorised client gets nothing parsed. The
+    key that passed is left in ``request.state.api_key`` for the routes."""
 
-    def __init__(self, app: ASGIApp, keys: list[str], prefix: str = "/v1") -> None:
+    def __init__(self, app: ASGIApp, ring: KeyRing) -> None:
         self.app = app
-        self.keys = list(keys)
-        self.prefix = prefix
+        self.ring = ring
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if (scope["type"] == "http" and self.keys
-                and (path == self.prefix or path.startswith(self.prefix + "/"))):
+        if scope["type"] == "http" and self.ring:
             headers = Headers(scope=scope)
-            error = api_key_error(headers.get("x-api-key"), headers.get("authorization"),
-                                  self.keys)
+            key, error = authorize(self.ring, scope["method"], scope.get("path", ""),
+                                   headers.get("x-api-key"), headers.get("authorization"))
             if error is not None:
                 response = error_response(error.status, error.code, error.message,
                                           error.details, error.headers)
                 await response(scope, receive, send)
                 return
+            if key is not None:
+                scope.setdefault("state", {})["api_key"] = key
         await self.app(scope, receive, send)
+
+
+_QUERY_PATH = re.compile(r"^/v1/galleries/[^/]+/query$")
+_UPLOAD_PATH = re.compile(r"^/v1/galleries/[^/]+/images$")
+
+
+def work_kind(method: str, path: str) -> str | None:
+    """``"query"`` or ``"upload"`` for the two kinds of costly request, else ``None``."""
+    if method != "POST":
+        return None
+    if _QUERY_PATH.match(path):
+        return "query"
+    if _UPLOAD_PATH.match(path):
+        return "upload"
+    return None
+
+
+class AdmissionMiddleware:
+    """Bounds the queries and the uploads in flight, each kind on its own: past its bound a
+    request is answered 503 ``overloaded`` with ``Retry-After`` at once, before its body is
+    read, instead of waiting in a queue that only grows. Runs on the event loop, so the
+    counts need no lock. ``on_refuse(kind)`` is called for each refused request."""
+
+    def __init__(self, app: ASGIApp, limits: dict[str, int], retry_after: int = 1,
+                 on_refuse=None) -> None:
+        self.app = app
+        self.limits = dict(limits)
+        self.in_flight = {kind: 0 for kind in self.limits}
+        self.retry_after = retry_after
+        self.on_refuse = on_refuse
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = work_kind(scope.get("method", ""), scope.get("path", "")) \
+            if scope["type"] == "http" else None
+        if kind is None or kind not in self.limits:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight[kind] >= self.limits[kind]:
+            if self.on_refuse is not None:
+                self.on_refuse(kind)
+            response = error_response(
+                503, "overloaded", f"the service is at its limit of {self.limits[kind]} "
+                f"{kind} requests in flight; retry after {self.retry_after} s",
+                {"kind": kind, "limit": self.limits[kind]},
+                {"Retry-After": str(self.retry_after)})
+            await response(scope, receive, send)
+            return
+        self.in_flight[kind] += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight[kind] -= 1

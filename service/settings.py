@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     DotEnvSettingsSource,
@@ -22,6 +22,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
     YamlConfigSettingsSource,
 )
+
+from .auth import KeyRing, key_ring_from
 
 __all__ = ["Settings", "DEFAULT_MODEL_DIR", "CONFIG_ENV"]
 
@@ -53,11 +55,18 @@ class Settings(BaseSettings):
                           "keeps nothing across restarts")
     redis_prefix: str = Field("dsmi:", min_length=1,
                               description="Key prefix; keys are <prefix><model id>:...")
-    redis_socket_timeout: float = Field(5.0, gt=0)
-    redis_connect_timeout: float = Field(2.0, gt=0)
+    redis_socket_timeout: float = Field(
+        1.0, gt=0, description="Seconds a Redis reply may take; past it the request is a 503 "
+                               "(a hung Redis answers within about this time)")
+    redis_connect_timeout: float = Field(0.5, gt=0, description="Seconds to connect to Redis")
     api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Comma-separated API keys; when set, every /v1 "
-                                          "route needs one (X-API-Key or Bearer)")
+        default_factory=list, description="Comma-separated API keys: KEY (admin) or "
+                                          "KEY:RIGHTS:GALLERIES (service/auth.py); when any "
+                                          "key is set, every /v1 route and /metrics needs one "
+                                          "(X-API-Key or Bearer)")
+    api_keys_file: Path | None = Field(None, description="YAML file of scoped API keys "
+                                                         "(service/auth.py), beside or "
+                                                         "instead of api_keys")
     max_upload_bytes: int = Field(64 * MiB, gt=0, description="Most bytes in one request body")
     max_image_bytes: int = Field(10 * MiB, gt=0, description="Most bytes in one image file")
     max_images_per_upload: int = Field(256, gt=0)
@@ -66,10 +75,19 @@ class Settings(BaseSettings):
     max_metadata_bytes: int = Field(16 * 1024, gt=0, description="Most bytes of metadata JSON "
                                                                  "per image")
     score_batch: int = Field(256, gt=0, description="Gallery items fetched and scored at once")
+    max_inflight_queries: int = Field(
+        8, gt=0, description="Queries in flight at once per worker; more are answered 503 "
+                             "with Retry-After at once instead of queueing")
+    max_inflight_uploads: int = Field(4, gt=0, description="Uploads in flight at once per "
+                                                           "worker; more are answered 503")
     cache_dtype: Literal["float32", "float16"] = "float32"
     providers: Annotated[list[str] | None, NoDecode] = Field(
         None, description="ONNX Runtime execution providers, comma-separated; default: the "
                           "engine's choice (CUDA when available, else CPU)")
+    keep_alive_seconds: float = Field(
+        75.0, gt=0, description="How long an idle HTTP connection stays open. Above the "
+                                "clients' own idle expiry (httpx: 5 s), so that a client never "
+                                "reuses a connection the server is closing at that moment")
     warmup: bool = True
     log_level: str = "info"
 
@@ -82,6 +100,15 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_providers_is_default(cls, value: list[str] | None) -> list[str] | None:
         return value or None
+
+    @model_validator(mode="after")
+    def _keys_parse(self) -> Settings:
+        self.key_ring()  # a malformed key or keys file fails when the settings load
+        return self
+
+    def key_ring(self) -> KeyRing:
+        """The configured API keys, parsed (:mod:`service.auth`)."""
+        return key_ring_from(self.api_keys, self.api_keys_file)
 
     @property
     def resolved_model_dir(self) -> Path:

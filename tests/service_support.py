@@ -156,7 +156,8 @@ class ThreadedServer:
 class TcpProxy:
     """Forwards a local port to ``target``; ``stop()`` closes the listener and every open
     connection (the service sees its store vanish), ``start()`` listens again on the same
-    port (the store comes back)."""
+    port (the store comes back). ``hang()`` keeps every connection open but forwards nothing
+    (a stopped, not dead, server: SIGSTOP), ``resume()`` forwards again."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
@@ -167,6 +168,13 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._hung = threading.Event()
+
+    def hang(self) -> None:
+        self._hung.set()
+
+    def resume(self) -> None:
+        self._hung.clear()
 
     def start(self) -> None:
         listener = socket.socket()
@@ -199,6 +207,10 @@ class TcpProxy:
                 client, _ = listener.accept()
             except OSError:
                 return
+            if self._hung.is_set():  # accepted by the kernel, never answered
+                with self._lock:
+                    self._conns.append(client)
+                continue
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
             except OSError:
@@ -209,11 +221,11 @@ class TcpProxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
+                if not self._hung.is_set():
+                    dst.sendall(data)
         except OSError:
             pass
         finally:

@@ -64,13 +64,14 @@ def memory_client(engine):
 
 
 def upload(client, gallery: str, images: list[bytes], person_ids=None, camera_ids=None,
-           names=None, **fields):
+           names=None, headers=None, **fields):
     n = len(images)
     files = [("images", ((names or [f"img{k}.jpg" for k in range(n)])[k], data,
                          "application/octet-stream")) for k, data in enumerate(images)]
     data = {"person_id": person_ids or [f"p{k}" for k in range(n)],
             "camera_id": camera_ids or ["1"] * n, **fields}
-    return client.post(f"/v1/galleries/{gallery}/images", files=files, data=data)
+    return client.post(f"/v1/galleries/{gallery}/images", files=files, data=data,
+                       headers=headers)
 
 
 def query(client, gallery: str, image: bytes, **fields):
@@ -439,7 +440,7 @@ def test_rgba_transparency_is_filled_not_black(memory_client, engine):
 # -- API keys ---------------------------------------------------------------------------------
 
 def test_api_keys_guard_every_v1_route_but_not_health(engine):
-    app, _ = make_client(engine, "memory", api_keys=["key-one", "key-two"])
+    app, _ = make_client(engine, "memory", api_keys=["key-one-1", "key-two-2"])
     with TestClient(app) as c:
         guarded = [lambda h: c.get("/v1/galleries", headers=h),
                    lambda h: c.get("/v1/galleries/g/images", headers=h),
@@ -451,19 +452,21 @@ def test_api_keys_guard_every_v1_route_but_not_health(engine):
                                     files={"image": ("a.jpg", b"junk")})]
         for call in guarded:
             for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"},
-                            {"Authorization": "Basic key-one"}, {"X-API-Key": ""}):
+                            {"Authorization": "Basic key-one-1"}, {"X-API-Key": ""}):
                 r = call(headers)
                 assert_error(r, 401, "unauthorized")
                 assert r.headers["www-authenticate"].startswith("Bearer")
-        headers_ok = [{"X-API-Key": "key-one"}, {"Authorization": "Bearer key-two"}]
+        headers_ok = [{"X-API-Key": "key-one-1"}, {"Authorization": "Bearer key-two-2"}]
         for headers in headers_ok:
             assert c.get("/v1/galleries", headers=headers).status_code == 200
         r = c.post("/v1/galleries/g/images", headers=headers_ok[0],
                    files=[("images", ("a.jpg", image_bytes(1)))],
                    data={"person_id": "1", "camera_id": "1"})
         assert r.status_code == 201
-        for path in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"):
+        for path in ("/healthz", "/readyz", "/openapi.json", "/docs"):
             assert c.get(path).status_code == 200, path
+        assert_error(c.get("/metrics"), 401)  # it names every gallery: a key's business
+        assert c.get("/metrics", headers=headers_ok[0]).status_code == 200
         # Documented: the OpenAPI schema names both ways of sending a key.
         schemes = c.get("/openapi.json").json()["components"]["securitySchemes"]
         assert {s["type"] for s in schemes.values()} == {"apiKey", "http"}

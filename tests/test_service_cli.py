@@ -75,3 +75,54 @@ def test_several_workers_need_redis():
          "--model-dir", str(exported_model_dir()), "--port", str(free_port())],
         cwd=ROOT, env=serve_env(), capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "needs Redis" in result.stderr
+
+
+def test_two_workers_report_the_service_as_a_whole(tmp_path):
+    """Each scrape, whichever worker answers it, counts every worker's requests."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.service_support import REDIS_URL, delete_prefix, new_prefix, redis_client
+
+    redis_client()  # skips without Redis
+    prefix = new_prefix()
+    port = free_port()
+    env = {**serve_env(), "DSMI_REDIS_URL": REDIS_URL, "DSMI_REDIS_PREFIX": prefix}
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "training.cli", "serve", "--workers", "2", "--port", str(port),
+         "--model-dir", str(exported_model_dir()), "--log-level", "warning"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.communicate()[0]
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "service did not become ready"
+            time.sleep(0.5)
+        sent = 0
+        # A new connection each; which worker accepts it is the kernel's choice, so send
+        # until both have counted some (one file of counts per worker process).
+        while sent < 30 or (len(list(tmp_path.glob("counter_*.db"))) < 2 and sent < 1000):
+            assert httpx.get(f"{base}/v1/galleries", timeout=10).status_code == 200
+            sent += 1
+        assert len(list(tmp_path.glob("counter_*.db"))) == 2
+
+        def counted(text: str) -> float:
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if (sample.name == "dsmi_http_requests_total"
+                            and sample.labels.get("route") == "/v1/galleries"):
+                        return sample.value
+            return 0.0
+
+        scrapes = [counted(httpx.get(f"{base}/metrics", timeout=10).text) for _ in range(8)]
+        assert scrapes == [float(sent)] * 8
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        delete_prefix(prefix)

@@ -74,8 +74,10 @@ def test_galleries_survive_a_restart(engine, prefix):
 
 def test_twenty_concurrent_uploaders_lose_nothing(engine, prefix):
     store = RedisGalleryStore(REDIS_URL, namespace=store_namespace(engine), prefix=prefix)
-    app = create_app(Settings(), engine=engine, store=store)
     uploaders, per_upload = 20, 3
+    # Admit them all at once: this is about concurrent writes, not about overload.
+    app = create_app(Settings(max_inflight_uploads=uploaders, max_inflight_queries=uploaders),
+                     engine=engine, store=store)
     barrier = threading.Barrier(uploaders + 2)
     stored: dict[int, list[str]] = {}
     failures: list[str] = []
@@ -159,5 +161,39 @@ def test_redis_outage_is_a_503_and_heals_without_a_restart(engine, prefix):
             assert [i["person_id"] for i in listing["images"]] == ["p1", "p2"]
             assert query(c, "g", 2).json()["results"][0]["person_id"] == "p2"
             assert upload(c, "g", [3]).status_code == 201
+    finally:
+        proxy.stop()
+
+
+def test_a_hung_redis_is_a_fast_503_on_every_route(engine, prefix):
+    """Redis stopped, not dead: connections stay open and nothing comes back. Every route
+    answers 503 within 2 s with the default timeouts, and the body names no address,
+    database or exception; the log keeps those."""
+    proxy = TcpProxy(("127.0.0.1", 6379))
+    proxy.start()
+    settings = Settings(redis_url=f"redis://127.0.0.1:{proxy.port}/3", redis_prefix=prefix)
+    app = create_app(settings, engine=engine)
+    try:
+        with TestClient(app) as c:
+            assert upload(c, "g", [1, 2]).status_code == 201
+            proxy.hang()
+            calls = {"readyz": lambda: c.get("/readyz"), "upload": lambda: upload(c, "g", [3]),
+                     "query": lambda: query(c, "g", 1),
+                     "list": lambda: c.get("/v1/galleries/g/images"),
+                     "galleries": lambda: c.get("/v1/galleries"),
+                     "get": lambda: c.get(f"/v1/galleries/g/images/{'0' * 32}"),
+                     "delete": lambda: c.delete("/v1/galleries/g")}
+            for name, call in calls.items():
+                started = time.monotonic()
+                r = call()
+                took = time.monotonic() - started
+                assert r.status_code == 503, (name, r.text)
+                assert took < 2.0, (name, took)
+                assert r.headers["retry-after"]
+                for leak in (str(proxy.port), "127.0.0.1", "/3", "Timeout", "Error"):
+                    assert leak not in r.text, (name, r.text)
+            proxy.resume()
+            wait_until(lambda: c.get("/readyz").status_code == 200)
+            assert c.get("/v1/galleries/g/images").json()["total"] == 2
     finally:
         proxy.stop()

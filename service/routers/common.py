@@ -21,7 +21,8 @@ ImageId = Annotated[str, Path(pattern=IMAGE_ID_PATTERN, min_length=32, max_lengt
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` entries for these error statuses (all share one body)."""
-    text = {400: "Unreadable input", 401: "Missing or invalid API key", 404: "Not found",
+    text = {400: "Unreadable input", 401: "Missing or invalid API key",
+            403: "The API key lacks the right or the gallery", 404: "Not found",
             413: "Too large", 415: "Unsupported image format", 422: "Invalid request",
             503: "Model or store unavailable"}
     return {s: {"model": ErrorResponse, "description": text.get(s, "Error")} for s in statuses}

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
 
-from ..deps import get_engine, get_metrics, get_settings, get_store
+from ..auth import ApiKey
+from ..deps import current_key, get_engine, get_metrics, get_settings, get_store
 from ..errors import ServiceError
 from ..matching import gallery_blobs, read_image
 from ..metrics import ServiceMetrics
@@ -98,10 +99,13 @@ def _parse_metadata(values: list[str] | None, n: int, max_bytes: int) -> list[di
 @router.get("", response_model=GalleryList, summary="List the galleries",
             responses=errors(401, 503))
 def list_galleries(engine: Engine = Depends(get_engine),
-                   store: GalleryStore = Depends(get_store)) -> GalleryList:
+                   store: GalleryStore = Depends(get_store),
+                   key: ApiKey | None = Depends(current_key)) -> GalleryList:
+    """The galleries this API key may see (all of them without keys or with an admin key)."""
     return GalleryList(model_id=engine.model_id,
                        galleries=[GallerySummary(name=n, size=s)
-                                  for n, s in store.list_galleries().items()])
+                                  for n, s in store.list_galleries().items()
+                                  if key is None or key.sees(n)])
 
 
 @router.post("/{gallery}/images", status_code=201, response_model=UploadResponse,

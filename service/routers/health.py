@@ -1,15 +1,19 @@
-"""Liveness, readiness and Prometheus metrics (open even when API keys are set)."""
+"""Liveness and readiness (open even when API keys are set) and Prometheus metrics (an
+admin key when keys are set: they name every gallery)."""
 
 from __future__ import annotations
+
+import logging
 
 from fastapi import APIRouter, Request, Response
 
 from ..errors import ServiceError
 from ..metrics import CONTENT_TYPE
 from ..schemas import Health, Readiness
-from ..store import StoreError
+from ..store import StoreError, StoreUnavailable
 from .common import errors
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
 
 
@@ -31,8 +35,12 @@ def readyz(request: Request) -> Readiness:
         try:
             store.ping()
             checks["store"] = "ok"
+        except StoreUnavailable as exc:
+            log.warning("readiness: %s", exc)
+            checks["store"] = exc.public
         except StoreError as exc:
-            checks["store"] = str(exc)
+            log.warning("readiness: %s", exc)
+            checks["store"] = "the gallery store failed; see the service log"
     failing = {name: why for name, why in checks.items() if why != "ok"}
     if failing:
         raise ServiceError(503, "not_ready",
@@ -44,6 +52,7 @@ def readyz(request: Request) -> Readiness:
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
-            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text"}})
+            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text"},
+                       **errors(401, 403)})
 def metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)

@@ -72,7 +72,14 @@ class StoreError(RuntimeError):
 
 
 class StoreUnavailable(StoreError):
-    """The store cannot be reached (Redis down, timed out, refusing writes)."""
+    """The store cannot be reached (Redis down, timed out, refusing writes).
+
+    ``str(exc)`` is for the log (address, exception); ``public`` is what a client may read:
+    which kind of store and what failed, never where it is or how it failed inside."""
+
+    def __init__(self, message: str, public: str = "the gallery store is unavailable") -> None:
+        super().__init__(message)
+        self.public = public
 
 
 def new_image_id() -> str:

@@ -64,7 +64,8 @@ def _guard(what: str, url: str):
         yield
     except redis.RedisError as exc:
         raise StoreUnavailable(f"redis at {_describe(url)} failed to {what}: "
-                               f"{type(exc).__name__}: {exc}") from exc
+                               f"{type(exc).__name__}: {exc}",
+                               public=f"redis failed to {what}; retry later") from exc
 
 
 class RedisGalleryStore:
@@ -78,8 +79,8 @@ class RedisGalleryStore:
     persistent = True
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", namespace: str = "default",
-                 prefix: str = "dsmi:", socket_timeout: float = 5.0,
-                 connect_timeout: float = 2.0, client: redis.Redis | None = None) -> None:
+                 prefix: str = "dsmi:", socket_timeout: float = 1.0,
+                 connect_timeout: float = 0.5, client: redis.Redis | None = None) -> None:
         if not namespace or not prefix:
             raise ValueError("prefix and namespace must not be empty")
         self.url = url
@@ -87,12 +88,14 @@ class RedisGalleryStore:
         self.prefix = prefix
         self._base = f"{prefix}{namespace}:".encode()
         self._owns_client = client is None
-        # Few, quick retries: a dead server must turn into a 503 in about a second, and the
-        # pool reconnects by itself on the next command once the server is back.
+        # One quick retry, for a dropped connection only: a dead server must turn into a 503
+        # in about a second, and the pool reconnects by itself once the server is back. A
+        # timeout is not retried: a hung server (stopped, not dead) would double the wait.
         self.client = client or redis.Redis.from_url(
             url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
-            retry=Retry(ExponentialBackoff(cap=0.25, base=0.05), retries=1),
-            health_check_interval=15)
+            retry=Retry(ExponentialBackoff(cap=0.25, base=0.05), retries=1,
+                        supported_errors=(redis.ConnectionError,)),
+            retry_on_timeout=False, health_check_interval=15)
 
     # -- keys ---------------------------------------------------------------------------
     def _key(self, *parts: str) -> bytes:
