@@ -25,7 +25,7 @@ from model import build_model, list_variants
 
 def forward_time(name: str, repeats: int, threads: int) -> dict:
     torch.manual_seed(0)
-    net = build_model(name).eval()
+    net = build_model(name, weights=None).eval()  # random weights time the same
     h, w = net.input_size
     a, b = torch.randn(1, 3, h, w), torch.randn(1, 3, h, w)
     samples = []

@@ -18,7 +18,8 @@ def run(args: argparse.Namespace) -> int:
         if args.small and not name.endswith("-small"):
             continue
         trunks = spec.trunk if spec.trunk_b is None else f"{spec.trunk}+{spec.trunk_b}"
-        params = sum(p.numel() for p in build_model(name).parameters())
+        # weights=None: counting parameters needs no pretrained file
+        params = sum(p.numel() for p in build_model(name, weights=None).parameters())
         size = "x".join(map(str, spec.input_size))
         print(f"{name:<22} {trunks:<24} {spec.fusion:<9} {spec.pooling:<7} "
               f"{spec.embed_dim:>4} {spec.hidden:>6} {spec.fc_dim:>4} {size:>8} {params:>11,}")
