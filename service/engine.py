@@ -19,6 +19,7 @@ short names) overrides the automatic choice when ``providers`` is not given.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import math
@@ -63,9 +64,14 @@ class ModelFolderError(RuntimeError):
     """The model folder is missing, incomplete, malformed or of another format."""
 
 
+def nvidia_gpu_present() -> bool:
+    """Whether this machine has an NVIDIA GPU that a process can open (its device node)."""
+    return os.path.exists("/dev/nvidia0") or bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
 def resolve_providers(providers: Sequence[str] | None = None) -> list[str]:
     """The provider list to ask ONNX Runtime for: ``providers``, else ``$DSMI_PROVIDERS``,
-    else CUDA (when listed by ONNX Runtime) then CPU.
+    else CUDA (when listed by ONNX Runtime and an NVIDIA GPU is present) then CPU.
 
     Names may be short (``cuda``, ``cpu``). Providers this ONNX Runtime build does not have are
     dropped with a warning, and so are those that failed to start earlier in this process; the
@@ -77,7 +83,15 @@ def resolve_providers(providers: Sequence[str] | None = None) -> list[str]:
             providers = [p.strip() for p in env.split(",") if p.strip()]
     available = ort.get_available_providers()
     if providers is None:
-        providers = [CUDA] if CUDA in available else []
+        providers = []
+        if CUDA in available:
+            if nvidia_gpu_present():
+                providers = [CUDA]
+            else:
+                # onnxruntime-gpu lists CUDA whether or not there is a GPU; asking for it
+                # without one prints a long library-loading error before falling back.
+                log.info("ONNX Runtime: CPU provider (no NVIDIA GPU on this machine; "
+                         "CUDA is used when /dev/nvidia0 exists)")
     wanted = []
     for name in providers:
         name = _ALIASES.get(name.lower(), name)

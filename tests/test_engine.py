@@ -111,6 +111,22 @@ def test_provider_names_env_and_aliases(monkeypatch):
     assert resolve_providers(["CPUExecutionProvider", "cpu"]) == [CPU]
 
 
+def test_without_a_gpu_cuda_is_not_asked_for_and_the_log_says_why(monkeypatch, caplog):
+    import service.engine as engine_module
+
+    monkeypatch.delenv(PROVIDERS_ENV, raising=False)
+    monkeypatch.setattr(engine_module.ort, "get_available_providers", lambda: [CUDA, CPU])
+    monkeypatch.setattr(engine_module, "nvidia_gpu_present", lambda: False)
+    monkeypatch.setattr(engine_module, "_UNUSABLE", set())  # what earlier tests learnt
+    with caplog.at_level("INFO", logger="service.engine"):
+        assert resolve_providers() == [CPU]
+    assert "no NVIDIA GPU" in caplog.text
+    monkeypatch.setattr(engine_module, "nvidia_gpu_present", lambda: True)
+    assert resolve_providers() == [CUDA, CPU]
+    monkeypatch.setattr(engine_module, "nvidia_gpu_present", lambda: False)
+    assert resolve_providers(["cuda"]) == [CUDA, CPU]  # asked for by name: tried anyway
+
+
 def test_engine_module_does_not_import_torch():
     code = ("import sys, service.engine, model.preprocess; "
             "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; "
