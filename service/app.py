@@ -22,7 +22,7 @@ from .deps import require_api_key
 from .errors import install_error_handlers
 from .metrics import MetricsMiddleware, ServiceMetrics
 from .middleware import AdmissionMiddleware, ApiKeyMiddleware, BodyLimitMiddleware
-from .routers import galleries, health, query
+from .routers import docs, galleries, health, query
 from .routers.common import errors
 from .settings import Settings
 from .store import GalleryStore, MemoryGalleryStore, RedisGalleryStore
@@ -137,8 +137,12 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
             app.state.store.close()
         metrics.process_exited()
 
+    # The documentation pages come from routers.docs, with their assets from the package
+    # (FastAPI's own /docs loads them from a CDN: blank on an offline site).
     app = FastAPI(title="DSMI re-id matching service", version=__version__,
-                  description=DESCRIPTION, lifespan=lifespan)
+                  description=DESCRIPTION, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.mount(docs.ASSETS_PATH, docs.assets_app(), name="docs-assets")
+    app.include_router(docs.router)
     state = app.state
     state.settings, state.metrics = settings, metrics
     state.key_ring = settings.key_ring()

@@ -579,3 +579,19 @@ def test_the_service_does_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_docs_pages_load_their_assets_from_the_service(memory_client):
+    """No CDN: every script and stylesheet the two pages name is served by the app."""
+    import re as regex
+
+    for page in ("/docs", "/redoc"):
+        html = memory_client.get(page)
+        assert html.status_code == 200
+        urls = regex.findall(r'(?:src|href)="([^"]+)"', html.text)
+        assets = [u for u in urls if u.endswith((".js", ".css"))]
+        assert assets and all(u.startswith("/docs-assets/") for u in assets), urls
+        assert "cdn" not in html.text.lower() and "fonts.googleapis" not in html.text
+        for url in assets:
+            r = memory_client.get(url)
+            assert r.status_code == 200 and len(r.content) > 10_000, url

@@ -1,0 +1,48 @@
+"""``/docs`` (Swagger UI) and ``/redoc`` served with their JavaScript and CSS from the installed
+package ``fastapi-offline`` (MIT): no CDN, so they render on a site without internet access."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+
+__all__ = ["router", "ASSETS_PATH", "assets_app"]
+
+ASSETS_PATH = "/docs-assets"
+
+
+def _assets_dir() -> Path:
+    import fastapi_offline
+
+    return Path(fastapi_offline.__file__).resolve().parent / "static"
+
+
+def assets_app() -> StaticFiles:
+    """The static files of the two documentation pages, to mount at :data:`ASSETS_PATH`."""
+    return StaticFiles(directory=_assets_dir())
+
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/docs", response_class=HTMLResponse)
+def swagger_ui(request: Request) -> HTMLResponse:
+    root = request.scope.get("root_path", "")
+    return get_swagger_ui_html(
+        openapi_url=f"{root}{request.app.openapi_url}", title=f"{request.app.title} - docs",
+        swagger_js_url=f"{root}{ASSETS_PATH}/swagger-ui-bundle.js",
+        swagger_css_url=f"{root}{ASSETS_PATH}/swagger-ui.css",
+        swagger_favicon_url=f"{root}{ASSETS_PATH}/favicon.png")
+
+
+@router.get("/redoc", response_class=HTMLResponse)
+def redoc(request: Request) -> HTMLResponse:
+    root = request.scope.get("root_path", "")
+    return get_redoc_html(
+        openapi_url=f"{root}{request.app.openapi_url}", title=f"{request.app.title} - ReDoc",
+        redoc_js_url=f"{root}{ASSETS_PATH}/redoc.standalone.js",
+        redoc_favicon_url=f"{root}{ASSETS_PATH}/favicon.png", with_google_fonts=False)
