@@ -37,16 +37,14 @@ from onnx import numpy_helper
 from onnx.external_data_helper import set_external_data
 from torch import nn
 
+from .formats import MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, WEIGHTS_FILE
 from .network import MatchingNetwork
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["MANIFEST_FORMAT", "MANIFEST_VERSION", "EXPORTERS", "export_model",
            "model_id", "configure", "run"]
 
-MANIFEST_FORMAT = "dsmi-onnx"
-MANIFEST_VERSION = 1
 EXPORTERS = ("legacy", "dynamo")
-WEIGHTS_FILE = "weights.bin"
 # Initializers smaller than this stay inside their graph: not worth an external record.
 _INLINE_BYTES = 1024
 _ALIGN = 64
@@ -309,7 +307,7 @@ def _export_into(net: MatchingNetwork, out_dir: Path, opset: int, exporter: str,
                              sorted(opsets))
         text = json.dumps(manifest, indent=2) + "\n"
         manifest = json.loads(text)  # what readers see: tuples become lists
-        (staging / "manifest.json").write_text(text)
+        (staging / MANIFEST_FILE).write_text(text)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
@@ -386,7 +384,7 @@ def verify_export(net: MatchingNetwork, out_dir: Path, n: int = 8, seed: int = 0
     return the largest absolute difference of the scores."""
     import onnxruntime as ort
 
-    manifest = json.loads((out_dir / "manifest.json").read_text())
+    manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
     sessions = {key: ort.InferenceSession(str(out_dir / g["file"]),
                                           providers=["CPUExecutionProvider"])
                 for key, g in manifest["graphs"].items()}

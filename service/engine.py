@@ -22,7 +22,6 @@ from __future__ import annotations
 import glob
 import json
 import logging
-import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -31,7 +30,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnxruntime as ort
 
+from model.formats import MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION
 from model.preprocess import ImageDecodeError, load_image_tensor
+
+from .store.codec import CACHE_DTYPES, TensorCodec
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -42,10 +44,7 @@ __all__ = ["Engine", "ModelFolderError", "ImageDecodeError", "MANIFEST_FORMAT",
 log = logging.getLogger(__name__)
 
 # Kept in step with model/export.py (which imports torch, so it is not imported here).
-MANIFEST_FORMAT = "dsmi-onnx"
-MANIFEST_VERSION = 1
 PROVIDERS_ENV = "DSMI_PROVIDERS"
-CACHE_DTYPES = ("float32", "float16")
 MAPS_FIELD = "maps"  # the conv5 map, storable through to_bytes / from_bytes like a field
 
 CUDA = "CUDAExecutionProvider"
@@ -122,15 +121,15 @@ class Engine:
     per head call (and per gallery-side call). ``image_batch_size``: most images per trunk call
     (default ``batch_size``; lower it for big trunks, whose activations grow with the batch).
     ``cache_dtype``: dtype of the cacheable tensors that ``prepare_gallery`` returns and
-    ``to_bytes`` / ``from_bytes`` store (``"float16"`` halves the cache; scoring always runs in
-    float32). ``intra_op_threads``: ONNX Runtime's thread count (default: its own choice).
+    ``codec`` stores (``"float16"`` halves the cache; scoring always runs in float32).
+    ``intra_op_threads``: ONNX Runtime's thread count (default: its own choice).
     """
 
     def __init__(self, model_dir: str | Path, providers: Sequence[str] | None = None,
                  batch_size: int = 256, cache_dtype: str = "float32", warmup: bool = True,
                  image_batch_size: int | None = None,
                  intra_op_threads: int | None = None) -> None:
-        if cache_dtype not in CACHE_DTYPES:
+        if cache_dtype not in CACHE_DTYPES:  # before any file is read
             raise ValueError(f"cache_dtype must be one of {CACHE_DTYPES}, not {cache_dtype!r}")
         if int(batch_size) < 1 or (image_batch_size is not None and int(image_batch_size) < 1):
             raise ValueError("batch sizes must be at least 1")
@@ -156,6 +155,10 @@ class Engine:
             f: (_shape(m["gallery_fields"].get(f), f"gallery_fields.{f}"), cache_dtype)
             for f in self.gallery_fields}
         self.map_spec: tuple[tuple[int, ...], str] = (self.map_shape, cache_dtype)
+        # The cache bytes of a gallery item: its gallery fields and its conv5 map.
+        self.codec = TensorCodec({**{f: shape for f, (shape, _) in self.gallery_spec.items()},
+                                  MAPS_FIELD: self.map_shape}, cache_dtype,
+                                 required=self.gallery_fields)
         self._sessions = self._open_sessions(providers, intra_op_threads)
         self.providers: list[str] = list(self._sessions["head"].get_providers())
         if warmup:
@@ -166,7 +169,7 @@ class Engine:
     def _read_manifest(self) -> dict:
         if not self.model_dir.is_dir():
             raise ModelFolderError(f"model folder not found: {self.model_dir}")
-        path = self.model_dir / "manifest.json"
+        path = self.model_dir / MANIFEST_FILE
         if not path.is_file():
             raise ModelFolderError(f"{self.model_dir} has no manifest.json: not an exported "
                                    "model folder (write one with 'dsmi export')")
@@ -378,71 +381,3 @@ class Engine:
                                                                 np.float32)
                 parts.append(head.run(["scores"], feed)[0])
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
-
-    # -- cache bytes ------------------------------------------------------------------------
-
-    def _storable(self) -> dict[str, tuple[int, ...]]:
-        spec = {f: shape for f, (shape, _) in self.gallery_spec.items()}
-        spec[MAPS_FIELD] = self.map_shape
-        return spec
-
-    def to_bytes(self, item: Mapping[str, np.ndarray]) -> dict[str, bytes]:
-        """One gallery item (no batch axis) -> raw little-endian bytes per field, in
-        ``cache_dtype``. Fields: ``gallery_fields`` and ``"maps"`` (the conv5 map), any
-        subset. Raises ValueError for unknown fields, wrong shapes or values that the cache
-        dtype cannot hold (non-finite, or beyond float16's range)."""
-        storable = self._storable()
-        out = {}
-        for f, value in item.items():
-            if f not in storable:
-                raise ValueError(f"unknown field {f!r}; storable: {list(storable)}")
-            value = np.asarray(value)
-            if value.shape != storable[f]:
-                raise ValueError(f"field {f!r} of one item must have shape {storable[f]}, "
-                                 f"not {value.shape}")
-            stored = np.ascontiguousarray(value, self._cache_np)
-            if not np.isfinite(stored).all():
-                raise ValueError(f"field {f!r} has values that {self.cache_dtype} cannot hold")
-            out[f] = stored.tobytes()
-        return out
-
-    def from_bytes(self, items: Sequence[Mapping[str, bytes]]) -> dict[str, np.ndarray]:
-        """Several items' bytes (``to_bytes`` output) -> a batch dict ``{field: (n, *shape)}``
-        in ``cache_dtype``, ready for :meth:`score`.
-
-        Every item must hold every one of ``gallery_fields`` (``"maps"`` optional, but then in
-        every item). Raises ValueError, naming the item and field, for missing or unknown
-        fields, a byte count that does not match the field's shape, or non-finite values.
-        """
-        storable = self._storable()
-        items = list(items)
-        keys = set(items[0]) if items else set(self.gallery_fields)
-        missing = [f for f in self.gallery_fields if f not in keys]
-        unknown = sorted(keys - set(storable))
-        if missing or unknown:
-            raise ValueError(f"cached item 0 lacks {missing} or has unknown fields {unknown}")
-        out = {}
-        for f in [f for f in storable if f in keys]:
-            shape = storable[f]
-            size = math.prod(shape) * self._cache_np.itemsize
-            chunks = []
-            for k, item in enumerate(items):
-                if set(item) != keys:
-                    raise ValueError(f"cached item {k} has fields {sorted(item)}, item 0 "
-                                     f"has {sorted(keys)}")
-                data = item[f]
-                if not isinstance(data, (bytes, bytearray, memoryview)):
-                    raise ValueError(f"cached item {k}, field {f!r}: expected bytes, "
-                                     f"not {type(data).__name__}")
-                if len(data) != size:
-                    raise ValueError(f"cached item {k}, field {f!r}: {len(data)} bytes, "
-                                     f"expected {size} ({self.cache_dtype} {shape}); corrupt, "
-                                     "or stored by another model or cache dtype")
-                chunks.append(data)
-            array = np.frombuffer(b"".join(chunks), self._cache_np).reshape(len(items), *shape)
-            if not np.isfinite(array).all():
-                bad = int(np.flatnonzero(~np.isfinite(array).reshape(len(items), -1)
-                                         .all(axis=1))[0])
-                raise ValueError(f"cached item {bad}, field {f!r}: non-finite values; corrupt")
-            out[f] = array.astype(self._cache_np.newbyteorder("="), copy=False)
-        return out

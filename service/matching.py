@@ -91,7 +91,7 @@ def gallery_blobs(engine: Engine, tensors: Sequence[np.ndarray],
             item = {f: arr[k] for f, arr in prepared.items()}
             item[MAPS_FIELD] = maps[k]
             try:
-                blobs.append(engine.to_bytes(item))
+                blobs.append(engine.codec.encode(item))
             except ValueError as exc:
                 index = start + k
                 name = filenames[index] if filenames else None
@@ -152,14 +152,14 @@ def _decode_chunk(engine: Engine, entries: list[tuple[GalleryItem, dict[str, byt
     fields = engine.gallery_fields
     good = [(item, blobs) for item, blobs in entries if all(f in blobs for f in fields)]
     try:
-        batch = engine.from_bytes([blobs for _, blobs in good]) if good else None
+        batch = engine.codec.decode([blobs for _, blobs in good]) if good else None
         return [item for item, _ in good], batch
     except ValueError:
         pass
     kept = []
     for item, blobs in good:  # find the broken ones
         try:
-            engine.from_bytes([blobs])
+            engine.codec.decode([blobs])
             kept.append((item, blobs))
         except ValueError as exc:
             log.warning("gallery %s: skipping unreadable cache entry %s: %s", gallery,
@@ -169,7 +169,7 @@ def _decode_chunk(engine: Engine, entries: list[tuple[GalleryItem, dict[str, byt
         metrics.items_skipped.inc(skipped)
     if not kept:
         return [], None
-    return [item for item, _ in kept], engine.from_bytes([blobs for _, blobs in kept])
+    return [item for item, _ in kept], engine.codec.decode([blobs for _, blobs in kept])
 
 
 def rank_gallery(engine: Engine, store: GalleryStore, gallery: str,

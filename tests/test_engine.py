@@ -309,30 +309,30 @@ def test_bytes_round_trip_and_validation(engine):
     maps = engine.encode(_images(3, seed=4), "b")
     gallery = engine.prepare_gallery(maps)
     items = [{**{f: v[k] for f, v in gallery.items()}, "maps": maps[k]} for k in range(3)]
-    blobs = [engine.to_bytes(item) for item in items]
+    blobs = [engine.codec.encode(item) for item in items]
     assert len(blobs[0]["embedding"]) == 128 * 4
-    batch = engine.from_bytes(blobs)
+    batch = engine.codec.decode(blobs)
     for f in ("joint", "embedding"):
         np.testing.assert_array_equal(batch[f], gallery[f])
     np.testing.assert_array_equal(batch["maps"], maps)
-    only = engine.from_bytes([{f: b[f] for f in engine.gallery_fields} for b in blobs])
+    only = engine.codec.decode([{f: b[f] for f in engine.gallery_fields} for b in blobs])
     assert set(only) == set(engine.gallery_fields)
-    assert engine.from_bytes([])["joint"].shape == (0, 64, 8, 4)
+    assert engine.codec.decode([])["joint"].shape == (0, 64, 8, 4)
 
     with pytest.raises(ValueError, match="bytes, expected"):
-        engine.from_bytes([{**blobs[0], "joint": blobs[0]["joint"][:-2]}])
+        engine.codec.decode([{**blobs[0], "joint": blobs[0]["joint"][:-2]}])
     with pytest.raises(ValueError, match="item 1"):
-        engine.from_bytes([blobs[0], {"embedding": blobs[1]["embedding"]}])
+        engine.codec.decode([blobs[0], {"embedding": blobs[1]["embedding"]}])
     with pytest.raises(ValueError, match="unknown"):
-        engine.from_bytes([{**blobs[0], "extra": b""}])
+        engine.codec.decode([{**blobs[0], "extra": b""}])
     nan = np.frombuffer(blobs[2]["embedding"], np.float32).copy()
     nan[5] = np.nan
     with pytest.raises(ValueError, match="item 1.*non-finite"):
-        engine.from_bytes([blobs[0], {**blobs[2], "embedding": nan.tobytes()}])
+        engine.codec.decode([blobs[0], {**blobs[2], "embedding": nan.tobytes()}])
     with pytest.raises(ValueError, match="unknown field"):
-        engine.to_bytes({"other": maps[0]})
+        engine.codec.encode({"other": maps[0]})
     with pytest.raises(ValueError, match="shape"):
-        engine.to_bytes({"maps": maps[:1]})  # a batch, not one item
+        engine.codec.encode({"maps": maps[:1]})  # a batch, not one item
 
 
 def test_float16_cache_changes_scores_little(small):
@@ -345,12 +345,12 @@ def test_float16_cache_changes_scores_little(small):
     g32, g16 = f32.prepare_gallery(maps), f16.prepare_gallery(maps)
     assert g16["joint"].dtype == np.float16
     item = {f: v[0] for f, v in g16.items()}
-    blob = f16.to_bytes(item)
+    blob = f16.codec.encode(item)
     assert len(blob["joint"]) == 64 * 8 * 4 * 2  # half the float32 bytes
     with pytest.raises(ValueError, match="bytes, expected"):
-        f32.from_bytes([blob])  # float16 bytes are not read as float32
-    scores16 = f16.score(probe, f16.from_bytes([f16.to_bytes({f: v[k] for f, v in g16.items()})
-                                                 for k in range(30)]))
+        f32.codec.decode([blob])  # float16 bytes are not read as float32
+    blobs16 = [f16.codec.encode({f: v[k] for f, v in g16.items()}) for k in range(30)]
+    scores16 = f16.score(probe, f16.codec.decode(blobs16))
     diff = np.abs(scores16 - f32.score(probe, g32)).max()
     assert 0 < diff < 1e-3
 
