@@ -26,6 +26,20 @@ def serve_env() -> dict[str, str]:
     return env
 
 
+def wait_ready(proc: subprocess.Popen, base: str, timeout: float = 120) -> None:
+    """Until ``/readyz`` answers 200; fails if the process exits or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.communicate()[0]
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "dsmi serve did not become ready"
+        time.sleep(0.3)
+
+
 def test_dsmi_serve_answers_on_the_given_port():
     port = free_port()
     proc = subprocess.Popen(
@@ -34,16 +48,7 @@ def test_dsmi_serve_answers_on_the_given_port():
         cwd=ROOT, env=serve_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.communicate()[0]
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "dsmi serve did not become ready"
-            time.sleep(0.3)
+        wait_ready(proc, base)
         ready = httpx.get(f"{base}/readyz").json()
         assert ready["store"] == "memory" and ready["persistent"] is False
         r = httpx.post(f"{base}/v1/galleries/g/images",
@@ -94,16 +99,7 @@ def test_two_workers_report_the_service_as_a_whole(tmp_path):
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.communicate()[0]
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "service did not become ready"
-            time.sleep(0.5)
+        wait_ready(proc, base, timeout=180)
         sent = 0
         # A new connection each; which worker accepts it is the kernel's choice, so send
         # until both have counted some (one file of counts per worker process).

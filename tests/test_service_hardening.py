@@ -12,13 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.store.base import LABEL_MAX, METADATA_MAX_DEPTH
-from tests.service_support import delete_prefix, image_bytes
+from tests.service_support import delete_prefix, image_bytes, service_engine
 from tests.test_service_api import assert_error, make_client, upload
 
 
 @pytest.fixture(scope="module")
 def engine():
-    from tests.service_support import service_engine
     return service_engine()
 
 
