@@ -18,6 +18,7 @@ COPY pyproject.toml README.md ./
 COPY model ./model
 COPY training ./training
 COPY service ./service
+COPY dsmi_cli ./dsmi_cli
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
  && python -c "import sys, zipfile, glob; names = zipfile.ZipFile(glob.glob('/wheels/*.whl')[0]).namelist(); sys.exit(0 if any(n.startswith('service/default_model/manifest.json') for n in names) else 'the bundled model is missing from the wheel')"
 

@@ -89,7 +89,7 @@ def _start(design: str, args, prefix: str) -> tuple[subprocess.Popen, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DSMI_")}
     env.update(DSMI_REDIS_URL=args.redis_url, DSMI_REDIS_PREFIX=prefix, DSMI_PROVIDERS="cpu",
                **DESIGNS[design])
-    cmd = [sys.executable, "-m", "training.cli", "serve", "--port", str(port),
+    cmd = [sys.executable, "-m", "dsmi_cli", "serve", "--port", str(port),
            "--log-level", "warning"]
     if args.model_dir:
         cmd += ["--model-dir", str(args.model_dir)]

@@ -19,7 +19,6 @@ This module is on the training side (PyTorch, onnx); the service only reads its 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -42,7 +41,7 @@ from .network import MatchingNetwork
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["MANIFEST_FORMAT", "MANIFEST_VERSION", "EXPORTERS", "export_model",
-           "model_id", "configure", "run"]
+           "model_id", "verify_export"]
 
 EXPORTERS = ("legacy", "dynamo")
 # Initializers smaller than this stay inside their graph: not worth an external record.
@@ -363,22 +362,6 @@ def _manifest(net: MatchingNetwork, fields: list[str], maps: torch.Tensor, probe
 # dsmi export
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", type=Path, help="a checkpoint written by training")
-    source.add_argument("--variant", help="export a randomly initialised model of this variant "
-                                          "(for tests and benchmarks)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (replaced)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the random initialisation with --variant (default 0)")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    parser.add_argument("--exporter", choices=EXPORTERS, default="legacy",
-                        help="legacy: torch.onnx.export(dynamo=False), the default; "
-                             "dynamo: torch.export based")
-    parser.add_argument("--no-verify", action="store_true",
-                        help="skip comparing ONNX Runtime's scores with PyTorch's")
-
-
 def verify_export(net: MatchingNetwork, out_dir: Path, n: int = 8, seed: int = 0) -> float:
     """Score random images with PyTorch and with the exported graphs (ONNX Runtime, CPU);
     return the largest absolute difference of the scores."""
@@ -400,28 +383,3 @@ def verify_export(net: MatchingNetwork, out_dir: Path, n: int = 8, seed: int = 0
     feed.update({f"gallery_{f}": t for f, t in zip(fields, gallery, strict=True)})
     scores = sessions["head"].run(None, feed)[0]
     return float(np.abs(scores - expected).max())
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.checkpoint is not None:
-        from .checkpoint import load_checkpoint
-        net, _ = load_checkpoint(args.checkpoint)
-    else:
-        from .factory import build_model
-        torch.manual_seed(args.seed)
-        net = build_model(args.variant)
-    net.eval()
-    manifest = export_model(net, args.out, opset=args.opset, exporter=args.exporter)
-    total = sum(manifest["files"].values())
-    print(f"exported {manifest['variant']} (model id {manifest['model_id']}) to {args.out} "
-          f"with {manifest['exporter']}, opset {manifest['opset']}")
-    for file, size in manifest["files"].items():
-        print(f"  {file:<16} {size / 1e6:9.2f} MB")
-    print(f"  {'total':<16} {total / 1e6:9.2f} MB")
-    if not args.no_verify:
-        diff = verify_export(net, args.out)
-        print(f"ONNX Runtime vs PyTorch, 8 random images: max |score difference| {diff:.2e}")
-        if diff > 1e-4:
-            print("error: the exported graphs do not reproduce PyTorch's scores")
-            return 1
-    return 0

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.cli import main
+from dsmi_cli.main import main
 from training.data import ImageRecord
 from training.evaluate import evaluate_distances, evaluate_run, load_eval_data, plot_ranked
 from training.metrics import evaluate_ranking, single_shot

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from training.cli import main
+from dsmi_cli.main import main
 from training.experiment import aggregate_reports
 from training.table import format_table, load_figures
 

@@ -8,11 +8,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from dsmi_cli.main import main as dsmi
 from model import build_model, list_variants
 from model.checkpoint import save_checkpoint
 from model.export import MANIFEST_FORMAT, export_model, model_id
 from tests.conftest import ROOT
-from training.cli import main as dsmi
 
 SMALL = [v for v in list_variants() if v.endswith("-small")]
 # The paper's VGG-16 network at a tiny input: its tail (output conv, then the FC) is not fused,

@@ -20,9 +20,9 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_cli_help_lists_the_subcommands():
-    out = subprocess.run([sys.executable, "-m", "training.cli", "--help"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "dsmi_cli", "--help"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
-    from training.cli import COMMANDS
+    from dsmi_cli.main import COMMANDS
     for name in COMMANDS:
         assert name in out
 
@@ -37,7 +37,7 @@ def test_train_help_names_every_config_field():
     import dataclasses
 
     from training.config import DataConfig, ModelConfig, TrainConfig
-    out = subprocess.run([sys.executable, "-m", "training.cli", "train", "--help"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "dsmi_cli", "train", "--help"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     flat = " ".join(out.split())  # the list is wrapped
     for section, cls in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig)):
@@ -60,9 +60,16 @@ def test_a_command_without_its_extra_names_the_extra_in_one_line(tmp_path):
     for args, extra in ((["variants"], "train"), (["export", "--help"], "train"),
                         (["train", "--out", str(tmp_path / "r")], "train"),
                         (["serve"], "serve")):
-        result = subprocess.run([sys.executable, "-m", "training.cli", *args], cwd=ROOT,
+        result = subprocess.run([sys.executable, "-m", "dsmi_cli", *args], cwd=ROOT,
                                 env=env, capture_output=True, text=True, timeout=120)
         assert result.returncode == 2, (args, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
         assert f"needs the '{extra}' extra" in lines[0] and "pip install" in lines[0]
+
+
+def test_library_packages_hold_no_command_line():
+    """The dsmi command lives in dsmi_cli; model/, training/ and service/ hold functions."""
+    offenders = [str(p.relative_to(ROOT)) for package in ("model", "training", "service")
+                 for p in (ROOT / package).rglob("*.py") if "argparse" in p.read_text()]
+    assert offenders == []

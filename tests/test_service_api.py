@@ -572,7 +572,7 @@ def test_openapi_documents_every_route(memory_client):
 
 
 def test_the_service_does_not_import_torch():
-    code = ("import sys; import service.app, service.cli, service.engine; "
+    code = ("import sys; import service.app, service.engine, dsmi_cli.serve, dsmi_cli.main; "
             "service.app.create_app(); "
             "assert 'torch' not in sys.modules, 'torch imported'; "
             "assert not any(m == 'training' or m.startswith('training.') for m in sys.modules)")

@@ -43,7 +43,7 @@ def wait_ready(proc: subprocess.Popen, base: str, timeout: float = 120) -> None:
 def test_dsmi_serve_answers_on_the_given_port():
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "training.cli", "serve", "--host", "127.0.0.1", "--port",
+        [sys.executable, "-m", "dsmi_cli", "serve", "--host", "127.0.0.1", "--port",
          str(port), "--model-dir", str(exported_model_dir()), "--log-level", "warning"],
         cwd=ROOT, env=serve_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
@@ -67,7 +67,7 @@ def test_dsmi_serve_answers_on_the_given_port():
 
 def test_dsmi_serve_without_a_model_fails_fast(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "training.cli", "serve", "--model-dir", str(tmp_path / "none"),
+        [sys.executable, "-m", "dsmi_cli", "serve", "--model-dir", str(tmp_path / "none"),
          "--port", str(free_port())], cwd=ROOT, env=serve_env(), capture_output=True,
         text=True, timeout=60)
     assert result.returncode == 2
@@ -76,7 +76,7 @@ def test_dsmi_serve_without_a_model_fails_fast(tmp_path):
 
 def test_several_workers_need_redis():
     result = subprocess.run(
-        [sys.executable, "-m", "training.cli", "serve", "--workers", "2",
+        [sys.executable, "-m", "dsmi_cli", "serve", "--workers", "2",
          "--model-dir", str(exported_model_dir()), "--port", str(free_port())],
         cwd=ROOT, env=serve_env(), capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "needs Redis" in result.stderr
@@ -94,7 +94,7 @@ def test_two_workers_report_the_service_as_a_whole(tmp_path):
     env = {**serve_env(), "DSMI_REDIS_URL": REDIS_URL, "DSMI_REDIS_PREFIX": prefix}
     env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "training.cli", "serve", "--workers", "2", "--port", str(port),
+        [sys.executable, "-m", "dsmi_cli", "serve", "--workers", "2", "--port", str(port),
          "--model-dir", str(exported_model_dir()), "--log-level", "warning"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"

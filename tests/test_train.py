@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from dsmi_cli.main import main
 from model.checkpoint import load_checkpoint
-from training.cli import main
 from training.config import load_config
 from training.train import Trainer
 

@@ -4,13 +4,12 @@ figures averaged."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FIGURES", "aggregate_reports", "repeat", "configure", "run"]
+__all__ = ["FIGURES", "aggregate_reports", "repeat"]
 
 FIGURES = ("rank1", "rank5", "rank10", "rank20", "mAP")
 
@@ -75,26 +74,3 @@ def repeat(config: str | Path | None, overrides: list[str], out: str | Path, spl
 
 
 # -- command line -------------------------------------------------------------------------
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.description = (
-        "Train and evaluate a config on several seeded splits (data.split_seed = 0..N-1), e.g. "
-        "VIPeR's 10 random 316/316 splits, or evaluate a baseline on the same splits; writes "
-        "OUT/split-K/ per split and OUT/summary.json with the mean and standard deviation.")
-    parser.add_argument("--config", default="configs/cpu.yaml", help="YAML config file")
-    parser.add_argument("--out", required=True, help="folder for the runs and summary.json")
-    parser.add_argument("--splits", type=int, default=10, help="number of splits (default 10)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="override a config field (repeatable)")
-    parser.add_argument("--baseline", choices=("histogram", "pixels"),
-                        help="evaluate this non-learned baseline instead of training")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def run(args: argparse.Namespace) -> int:
-    summary = repeat(args.config, args.overrides, args.out, args.splits, args.baseline,
-                     progress=not args.no_progress)
-    from .table import format_table
-
-    print(format_table([(summary["name"], summary["mean"]["single-shot"])]))
-    return 0

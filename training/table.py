@@ -3,15 +3,13 @@ CMC curves in one plot."""
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 from .evaluate import plot_cmc_curves
 from .experiment import FIGURES
 
-__all__ = ["load_figures", "format_table", "plot_runs", "configure", "run"]
+__all__ = ["load_figures", "format_table", "plot_runs"]
 
 
 def load_figures(path: str | Path, protocol: str = "single-shot") -> tuple[str, dict]:
@@ -67,26 +65,3 @@ def plot_runs(rows: list[tuple[str, dict]], path: str | Path, title: str | None 
                          f"written before curves were kept): rerun dsmi evaluate / repeat")
     return plot_cmc_curves([(name, fig["cmc"], fig["mAP"]) for name, fig in rows], path,
                            title or f"CMC, {rows[0][1].get('protocol', '')}")
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("Print the figures of evaluation reports side by side: report.json "
-                          "files, dsmi repeat summary.json files, or run folders holding them.")
-    parser.add_argument("paths", nargs="+", help="report.json / summary.json / run folders")
-    parser.add_argument("--protocol", default="single-shot",
-                        choices=("single-shot", "all-gallery"))
-    parser.add_argument("--markdown", action="store_true", help="a Markdown table")
-    parser.add_argument("--plot", metavar="PNG", help="also draw the runs' CMC curves into PNG")
-    parser.add_argument("--title", help="title of the --plot figure")
-
-
-def run(args: argparse.Namespace) -> int:
-    rows = [load_figures(p, args.protocol) for p in args.paths]
-    print(format_table(rows, markdown=args.markdown))
-    if args.plot:
-        try:
-            print(f"CMC curves: {plot_runs(rows, args.plot, args.title)}")
-        except ValueError as exc:
-            print(f"dsmi table: {exc}", file=sys.stderr)
-            return 2
-    return 0

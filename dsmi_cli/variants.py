@@ -1,8 +1,10 @@
-"""``dsmi variants``: the named variants, their trunks, widths and parameter counts."""
+"""``dsmi variants``: the model variants and their sizes (model.factory)."""
 
 from __future__ import annotations
 
 import argparse
+
+__all__ = ["configure", "run"]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

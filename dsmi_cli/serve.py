@@ -1,8 +1,4 @@
-"""``dsmi serve``: run the matching service with uvicorn.
-
-Options given here override the ``DSMI_*`` environment (they are passed to the app through
-it, so that every worker process sees them).
-"""
+"""``dsmi serve``: run the matching service with uvicorn (service.app)."""
 
 from __future__ import annotations
 
@@ -43,7 +39,7 @@ def _log_config(level: str) -> dict:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .settings import Settings
+    from service.settings import Settings
 
     if args.model_dir:
         os.environ["DSMI_MODEL_DIR"] = str(args.model_dir)

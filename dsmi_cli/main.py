@@ -1,8 +1,7 @@
-"""The ``dsmi`` command line.
-
-Subcommands live in the module that owns the work; each module has ``configure(parser)`` and
-``run(args) -> int``. They are imported only when used, so ``dsmi serve`` runs without PyTorch
-and ``dsmi --help`` is instant.
+"""The ``dsmi`` command line: one module of :mod:`dsmi_cli` per subcommand, each with
+``configure(parser)`` and ``run(args) -> int`` calling the library (``model``, ``training``,
+``service``), which holds no argparse. A subcommand's module is imported only when used, so
+``dsmi serve`` runs without PyTorch and ``dsmi --help`` is instant.
 """
 
 from __future__ import annotations
@@ -13,13 +12,13 @@ from importlib import import_module
 
 # name -> (module, one-line help). Modules are imported lazily.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("training.train", "train a variant on a re-id dataset (YAML config + overrides)"),
-    "repeat": ("training.experiment", "train and evaluate over several seeded splits (VIPeR x10)"),
-    "table": ("training.table", "print the figures of evaluation reports side by side"),
-    "evaluate": ("training.evaluate", "CMC/mAP of a checkpoint or baseline on a re-id test set"),
-    "variants": ("training.variants_cmd", "list the model variants with their sizes"),
-    "export": ("model.export", "export a checkpoint or variant to ONNX for the service"),
-    "serve": ("service.cli", "run the matching service (FastAPI, ONNX Runtime, Redis cache)"),
+    "train": ("dsmi_cli.train", "train a variant on a re-id dataset (YAML config + overrides)"),
+    "repeat": ("dsmi_cli.repeat", "train and evaluate over several seeded splits (VIPeR x10)"),
+    "table": ("dsmi_cli.table", "print the figures of evaluation reports side by side"),
+    "evaluate": ("dsmi_cli.evaluate", "CMC/mAP of a checkpoint or baseline on a re-id test set"),
+    "variants": ("dsmi_cli.variants", "list the model variants with their sizes"),
+    "export": ("dsmi_cli.export", "export a checkpoint or variant to ONNX for the service"),
+    "serve": ("dsmi_cli.serve", "run the matching service (FastAPI, ONNX Runtime, Redis cache)"),
 }
 
 
