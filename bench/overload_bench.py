@@ -7,8 +7,8 @@ for ``--seconds``. Two designs in the same run:
 
 - ``unbounded``: every request admitted (``DSMI_MAX_INFLIGHT_QUERIES`` huge) and uvicorn's
   default 5 s keep-alive: the service before admission control;
-- ``bounded``: the defaults (8 queries in flight per worker, 503 + Retry-After past it,
-  75 s keep-alive).
+- ``bounded``: the defaults (as many queries in flight per worker as CPUs, at least 2; 503 +
+  Retry-After past it; 75 s keep-alive).
 
 Reported per design: admitted queries/s, p50/p95 latency of admitted (200) queries, refused
 (503) per second, and connection errors (dropped or reset connections, never answered).

@@ -76,8 +76,10 @@ class Settings(BaseSettings):
                                                                  "per image")
     score_batch: int = Field(256, gt=0, description="Gallery items fetched and scored at once")
     max_inflight_queries: int = Field(
-        8, gt=0, description="Queries in flight at once per worker; more are answered 503 "
-                             "with Retry-After at once instead of queueing")
+        default_factory=lambda: max(2, os.cpu_count() or 2), gt=0,
+        description="Queries in flight at once per worker (default: the CPU count, at least "
+                    "2: a query already uses every core); more are answered 503 with "
+                    "Retry-After at once instead of queueing")
     max_inflight_uploads: int = Field(4, gt=0, description="Uploads in flight at once per "
                                                            "worker; more are answered 503")
     cache_dtype: Literal["float32", "float16"] = "float32"
