@@ -83,8 +83,8 @@ def load_trunk_weights(trunk: nn.Module, source: str | Path) -> nn.Module:
     """Load ``source`` ("imagenet" or a path) into ``trunk`` in place and return it."""
     family = getattr(trunk, "family", type(trunk).__name__)
     if str(source) == "imagenet" and family == "efficientnet_lite0":
-        state = efficientnet_lite0_imagenet_state()
         path = imagenet_weights_path(family)
+        state = efficientnet_lite0_imagenet_state(path)
     else:
         if str(source) == "imagenet":
             path = imagenet_weights_path(family)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["RIGHTS", "ApiKey", "KeyRing", "parse_key_entry", "load_keys_file",
-           "required_access"]
+           "gallery_path", "required_access", "key_ring_from"]
 
 RIGHTS = ("read", "write", "admin")
 _MIN_KEY_LENGTH = 8
@@ -148,6 +148,13 @@ class KeyRing:
 _GALLERY_PATH = re.compile(r"^/v1/galleries/([^/]+)(/.*)?$")
 
 
+def gallery_path(path: str) -> tuple[str, str] | None:
+    """``/v1/galleries/{gallery}{rest}`` -> ``(gallery, rest)`` (``rest`` may be empty), or
+    ``None`` for any other path."""
+    match = _GALLERY_PATH.match(path)
+    return (match.group(1), match.group(2) or "") if match else None
+
+
 def required_access(method: str, path: str) -> tuple[str, str | None] | None:
     """The right a request needs and the gallery it touches, from its method and path;
     ``None`` for paths that need no key (health, docs)."""
@@ -155,10 +162,10 @@ def required_access(method: str, path: str) -> tuple[str, str | None] | None:
         return "admin", None
     if path != "/v1" and not path.startswith("/v1/"):
         return None
-    match = _GALLERY_PATH.match(path)
-    gallery = match.group(1) if match else None
+    parts = gallery_path(path)
+    gallery = parts[0] if parts else None
     write = method in ("POST", "PUT", "PATCH", "DELETE") and not (
-        method == "POST" and match is not None and match.group(2) == "/query")
+        method == "POST" and parts is not None and parts[1] == "/query")
     return ("write" if write else "read"), gallery
 
 

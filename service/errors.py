@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .store import StoreUnavailable
+from .store import InvalidItem, StoreUnavailable
 
 __all__ = ["ServiceError", "error_response", "install_error_handlers"]
 
@@ -103,6 +103,12 @@ async def _store_unavailable(request: Request, exc: StoreUnavailable) -> JSONRes
     return error_response(503, "store_unavailable", exc.public, headers={"Retry-After": "1"})
 
 
+async def _invalid_item(request: Request, exc: InvalidItem) -> JSONResponse:
+    # A store checks every item before it writes anything (GalleryItem.check), so this
+    # arrives with nothing of the request stored.
+    return error_response(422, "invalid_item", str(exc))
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
     return error_response(500, "internal_error", "internal error; see the service log")
@@ -113,4 +119,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(StoreUnavailable, _store_unavailable)
+    app.add_exception_handler(InvalidItem, _invalid_item)
     app.add_exception_handler(Exception, _unexpected)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import re
-
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .auth import KeyRing
+from .auth import KeyRing, gallery_path
 from .deps import authorize
 from .errors import error_response
 
@@ -81,19 +79,13 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-_QUERY_PATH = re.compile(r"^/v1/galleries/[^/]+/query$")
-_UPLOAD_PATH = re.compile(r"^/v1/galleries/[^/]+/images$")
+_WORK = {"/query": "query", "/images": "upload"}
 
 
 def work_kind(method: str, path: str) -> str | None:
     """``"query"`` or ``"upload"`` for the two kinds of costly request, else ``None``."""
-    if method != "POST":
-        return None
-    if _QUERY_PATH.match(path):
-        return "query"
-    if _UPLOAD_PATH.match(path):
-        return "upload"
-    return None
+    parts = gallery_path(path)
+    return _WORK.get(parts[1]) if method == "POST" and parts else None
 
 
 class AdmissionMiddleware:

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     DotEnvSettingsSource,
@@ -103,14 +103,17 @@ class Settings(BaseSettings):
     def _empty_providers_is_default(cls, value: list[str] | None) -> list[str] | None:
         return value or None
 
+    _key_ring: KeyRing = PrivateAttr(default_factory=lambda: KeyRing(()))
+
     @model_validator(mode="after")
     def _keys_parse(self) -> Settings:
-        self.key_ring()  # a malformed key or keys file fails when the settings load
+        # Parsed once, here: a malformed key or keys file fails when the settings load.
+        self._key_ring = key_ring_from(self.api_keys, self.api_keys_file)
         return self
 
     def key_ring(self) -> KeyRing:
         """The configured API keys, parsed (:mod:`service.auth`)."""
-        return key_ring_from(self.api_keys, self.api_keys_file)
+        return self._key_ring
 
     @property
     def resolved_model_dir(self) -> Path:

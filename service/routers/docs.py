@@ -29,20 +29,25 @@ def assets_app() -> StaticFiles:
 router = APIRouter(include_in_schema=False)
 
 
+def _urls(request: Request) -> tuple[str, str]:
+    """The OpenAPI document's URL and the assets' base, behind any proxy prefix."""
+    root = request.scope.get("root_path", "")
+    return f"{root}{request.app.openapi_url}", f"{root}{ASSETS_PATH}"
+
+
 @router.get("/docs", response_class=HTMLResponse)
 def swagger_ui(request: Request) -> HTMLResponse:
-    root = request.scope.get("root_path", "")
+    openapi, assets = _urls(request)
     return get_swagger_ui_html(
-        openapi_url=f"{root}{request.app.openapi_url}", title=f"{request.app.title} - docs",
-        swagger_js_url=f"{root}{ASSETS_PATH}/swagger-ui-bundle.js",
-        swagger_css_url=f"{root}{ASSETS_PATH}/swagger-ui.css",
-        swagger_favicon_url=f"{root}{ASSETS_PATH}/favicon.png")
+        openapi_url=openapi, title=f"{request.app.title} - docs",
+        swagger_js_url=f"{assets}/swagger-ui-bundle.js",
+        swagger_css_url=f"{assets}/swagger-ui.css", swagger_favicon_url=f"{assets}/favicon.png")
 
 
 @router.get("/redoc", response_class=HTMLResponse)
 def redoc(request: Request) -> HTMLResponse:
-    root = request.scope.get("root_path", "")
+    openapi, assets = _urls(request)
     return get_redoc_html(
-        openapi_url=f"{root}{request.app.openapi_url}", title=f"{request.app.title} - ReDoc",
-        redoc_js_url=f"{root}{ASSETS_PATH}/redoc.standalone.js",
-        redoc_favicon_url=f"{root}{ASSETS_PATH}/favicon.png", with_google_fonts=False)
+        openapi_url=openapi, title=f"{request.app.title} - ReDoc",
+        redoc_js_url=f"{assets}/redoc.standalone.js", redoc_favicon_url=f"{assets}/favicon.png",
+        with_google_fonts=False)
