@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI
 
+from model.formats import EMBEDDING_FIELD
+
 from .deps import require_api_key
 from .errors import install_error_handlers
 from .metrics import MetricsMiddleware, ServiceMetrics
@@ -26,6 +28,7 @@ from .routers import docs, galleries, health, query
 from .routers.common import errors
 from .settings import Settings
 from .store import GalleryStore, MemoryGalleryStore, RedisGalleryStore
+from .store.resident import ResidentCache
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -95,6 +98,9 @@ def _attach(app: FastAPI, engine: Engine, store: GalleryStore | None) -> None:
         log.warning("!" * 78)
         state.warnings.append(MEMORY_STORE_WARNING)
     state.metrics.set_model(engine.model_id, engine.variant, list(engine.providers))
+    max_bytes = state.settings.cache_max_bytes
+    state.cache = ResidentCache(engine.codec, max_bytes,
+                                EMBEDDING_FIELD) if max_bytes else None
     state.store = store
     state.engine = engine
     state.model_status = "ok"
@@ -150,6 +156,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
     # header; a path with a stray slash is a plain 404 instead.
     app.router.redirect_slashes = False
     state.engine, state.store, state.pending_store = None, None, store
+    state.cache = None
     state.owns_store = False
     state.warnings = []
     state.model_status = "the model is loading"

@@ -12,12 +12,13 @@ from .errors import ServiceError
 from .metrics import ServiceMetrics
 from .settings import Settings
 from .store import GalleryStore
+from .store.resident import ResidentCache
 
 if TYPE_CHECKING:
     from .engine import Engine
 
-__all__ = ["get_settings", "get_metrics", "get_engine", "get_store", "require_api_key",
-           "authorize", "current_key"]
+__all__ = ["get_settings", "get_metrics", "get_engine", "get_store", "get_cache",
+           "require_api_key", "authorize", "current_key"]
 
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
                                description="An API key (DSMI_API_KEYS, DSMI_API_KEYS_FILE)")
@@ -47,6 +48,11 @@ def get_store(request: Request) -> GalleryStore:
                            f"no gallery store yet: {request.app.state.model_status}",
                            headers={"Retry-After": "5"})
     return store
+
+
+def get_cache(request: Request) -> ResidentCache | None:
+    """The resident galleries of this process (``None``: DSMI_CACHE_MAX_BYTES=0)."""
+    return getattr(request.app.state, "cache", None)
 
 
 def authorize(ring: KeyRing, method: str, path: str, api_key: str | None,

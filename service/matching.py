@@ -1,5 +1,6 @@
 """What the routes do, without HTTP: read an uploaded image, turn gallery images into cached
-blobs, rank a gallery for a probe one chunk at a time.
+blobs, rank a gallery for a probe: from its resident copy (exhaustive or two-stage), or
+streamed from the store one chunk at a time when it is not resident.
 
 Blocking (ONNX Runtime, the store): the routes call these from FastAPI's thread pool.
 """
@@ -8,24 +9,29 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from model.formats import EMBEDDING_FIELD
 from model.preprocess import ImageDecodeError, decode_image
+from model.retrieval import l2_normalise, shortlist
 
 from .engine import MAPS_FIELD
 from .errors import ServiceError
 from .metrics import ServiceMetrics
 from .store import GalleryItem, GalleryStore
+from .store.codec import decode_entries
+from .store.resident import GalleryView, ResidentCache
 
 if TYPE_CHECKING:
     from .engine import Engine
 
-__all__ = ["ENCODE_BATCH", "DecodedImage", "read_image", "gallery_blobs",
-           "RunningTopK", "QueryOutcome", "rank_gallery", "encode_probe"]
+__all__ = ["ENCODE_BATCH", "DecodedImage", "read_image", "gallery_blobs", "CameraFilter",
+           "RunningTopK", "QueryOutcome", "rank_gallery", "rank_view", "rank_streamed",
+           "encode_probe"]
 
 log = logging.getLogger(__name__)
 
@@ -137,44 +143,110 @@ class RunningTopK:
         return [(item, float(s)) for item, s in zip(self._items, self._scores, strict=True)]
 
 
+@dataclass(frozen=True)
+class CameraFilter:
+    """Which gallery cameras a query keeps: those in ``only`` (all when ``None``) and not in
+    ``excluded``."""
+
+    only: frozenset[str] | None = None
+    excluded: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, only: Iterable[str] | None, excluded: Iterable[str] = ()) -> CameraFilter:
+        return cls(frozenset(only) if only is not None else None, frozenset(excluded))
+
+    def accepts(self, item: GalleryItem) -> bool:
+        return item.camera_id not in self.excluded and (self.only is None
+                                                        or item.camera_id in self.only)
+
+
 @dataclass
 class QueryOutcome:
     ranked: list[tuple[GalleryItem, float]]
-    scored: int
+    scored: int          # items ranked (after the filters)
     fetch_s: float
     score_s: float
+    rescored: int = 0    # of them, scored by the pair head
+    rerank: int = 0      # the shortlist length asked for; 0: exhaustive
+    shortlist_s: float = 0.0
+    resident: bool = False
 
 
 def _decode_chunk(engine: Engine, entries: list[tuple[GalleryItem, dict[str, bytes]]],
                   metrics: ServiceMetrics, gallery: str
                   ) -> tuple[list[GalleryItem], dict[str, np.ndarray] | None]:
     """Chunk entries -> (items, batch); unreadable entries are left out and logged."""
-    fields = engine.gallery_fields
-    good = [(item, blobs) for item, blobs in entries if all(f in blobs for f in fields)]
-    try:
-        batch = engine.codec.decode([blobs for _, blobs in good]) if good else None
-        return [item for item, _ in good], batch
-    except ValueError:
-        pass
-    kept = []
-    for item, blobs in good:  # find the broken ones
-        try:
-            engine.codec.decode([blobs])
-            kept.append((item, blobs))
-        except ValueError as exc:
-            log.warning("gallery %s: skipping unreadable cache entry %s: %s", gallery,
-                        item.image_id, exc)
-    skipped = len(entries) - len(kept)
+    items, batch, skipped = decode_entries(engine.codec, entries, f"gallery {gallery}: ")
     if skipped:
         metrics.items_skipped.inc(skipped)
-    if not kept:
-        return [], None
-    return [item for item, _ in kept], engine.codec.decode([blobs for _, blobs in kept])
+    return items, batch
 
 
 def rank_gallery(engine: Engine, store: GalleryStore, gallery: str,
-                 probe: dict[str, np.ndarray], top_k: int,
-                 accept: Callable[[GalleryItem], bool], metrics: ServiceMetrics) -> QueryOutcome:
+                 probe: dict[str, np.ndarray], top_k: int, cameras: CameraFilter,
+                 metrics: ServiceMetrics, cache: ResidentCache | None = None, rerank: int = 0,
+                 size_hint: int | None = None) -> QueryOutcome:
+    """The ``top_k`` best items of ``gallery`` for ``probe``: from the resident copy in
+    ``cache`` when it fits there (:func:`rank_view`), else streamed from the store
+    (:func:`rank_streamed`, exhaustive)."""
+    if cache is not None:
+        t0 = time.perf_counter()
+        view, report = cache.view(store, gallery, size_hint)
+        metrics.cache_syncs.labels(report.outcome).inc()
+        metrics.resident_bytes.set(cache.nbytes)
+        if report.skipped:
+            metrics.items_skipped.inc(report.skipped)
+        if view is not None:
+            outcome = rank_view(engine, view, probe, top_k, cameras, rerank, metrics)
+            outcome.fetch_s = time.perf_counter() - t0 - outcome.score_s
+            return outcome
+    return rank_streamed(engine, store, gallery, probe, top_k, cameras, metrics)
+
+
+def _head_scores(engine: Engine, view: GalleryView, probe: dict[str, np.ndarray],
+                 rows: np.ndarray, metrics: ServiceMetrics) -> np.ndarray:
+    """Pair-head similarities of ``rows`` of ``view``, gathered ``batch_size`` at a time."""
+    scores = np.empty(len(rows), np.float32)
+    step = engine.batch_size
+    for k in range(0, len(rows), step):
+        chunk = rows[k:k + step]
+        t0 = time.perf_counter()
+        scores[k:k + step] = engine.score(probe, {f: a[chunk] for f, a in view.arrays.items()})
+        metrics.score_batch.observe(time.perf_counter() - t0)
+    metrics.pairs_scored.inc(len(rows))
+    return scores
+
+
+def rank_view(engine: Engine, view: GalleryView, probe: dict[str, np.ndarray], top_k: int,
+              cameras: CameraFilter, rerank: int, metrics: ServiceMetrics) -> QueryOutcome:
+    """Rank a resident gallery. ``rerank`` > 0 and an embedding field: two-stage (stage one
+    ranks every accepted item by the embeddings' cosine, the pair head re-scores the best
+    ``max(rerank, top_k)``); else exhaustive (the pair head scores every accepted item)."""
+    start = time.perf_counter()
+    candidates = np.flatnonzero(view.camera_mask(cameras.only, cameras.excluded))
+    shortlist_s = 0.0
+    if rerank and view.unit_embedding is not None and max(rerank, top_k) < len(candidates):
+        t0 = time.perf_counter()
+        query = l2_normalise(np.asarray(probe[EMBEDDING_FIELD]).reshape(1, -1))[0]
+        stage_one = (view.unit_embedding @ query)[candidates]
+        rows = candidates[shortlist(stage_one, max(rerank, top_k))]
+        shortlist_s = time.perf_counter() - t0
+    else:
+        rows = candidates
+    scores = _head_scores(engine, view, probe, rows, metrics)
+    # A NaN similarity (a degenerate cached entry) ranks last, as the worst cosine.
+    scores = np.where(np.isnan(scores), np.float32(-1.0), scores)
+    best = shortlist(scores, top_k)
+    ranked = [(view.items[rows[i]], float(scores[i])) for i in best]
+    return QueryOutcome(ranked, scored=len(candidates), fetch_s=0.0,
+                        score_s=time.perf_counter() - start, rescored=len(rows),
+                        rerank=rerank if len(rows) < len(candidates) else 0,
+                        shortlist_s=shortlist_s, resident=True)
+
+
+def rank_streamed(engine: Engine, store: GalleryStore, gallery: str,
+                  probe: dict[str, np.ndarray], top_k: int, cameras: CameraFilter,
+                  metrics: ServiceMetrics) -> QueryOutcome:
     """Score ``probe`` against every accepted item of ``gallery``, ``engine.batch_size``
     items at a time (each chunk fetched in one pipelined read), keeping only the best
     ``top_k``: memory stays bounded by the chunk, whatever the gallery's size."""
@@ -188,7 +260,7 @@ def rank_gallery(engine: Engine, store: GalleryStore, gallery: str,
         fetch_s += time.perf_counter() - t0
         if entries is None:
             break
-        entries = [(item, blobs) for item, blobs in entries if accept(item)]
+        entries = [(item, blobs) for item, blobs in entries if cameras.accepts(item)]
         items, batch = _decode_chunk(engine, entries, metrics, gallery)
         if batch is None:
             continue
@@ -200,4 +272,4 @@ def rank_gallery(engine: Engine, store: GalleryStore, gallery: str,
         metrics.pairs_scored.inc(len(items))
         scored += len(items)
         top.push(scores, items)
-    return QueryOutcome(top.ranked(), scored, fetch_s, score_s)
+    return QueryOutcome(top.ranked(), scored, fetch_s, score_s, rescored=scored)

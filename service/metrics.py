@@ -101,6 +101,12 @@ class ServiceMetrics:
         self.items_skipped = Counter("dsmi_gallery_items_skipped",
                                      "Gallery items skipped in queries: unreadable cache entry",
                                      registry=r)
+        self.cache_syncs = Counter("dsmi_gallery_cache_syncs", "Resident-gallery checks before "
+                                   "a query, by outcome: fresh (unchanged), replayed (changes "
+                                   "applied), reloaded, bypassed (over the memory budget: "
+                                   "streamed)", ["outcome"], registry=r)
+        self.resident_bytes = Gauge("dsmi_gallery_cache_bytes", "Bytes of resident galleries",
+                                    registry=r, multiprocess_mode="livesum")
         self.refused = Counter("dsmi_requests_refused", "Requests refused as overload "
                                "(503 overloaded), by kind", ["kind"], registry=r)
         self.model_info = Gauge("dsmi_model_info", "The loaded model (value 1)",

@@ -11,15 +11,16 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 from .store import GalleryItem
 from .store.base import LABEL_MAX, InvalidItem, check_label
 
-__all__ = ["GALLERY_PATTERN", "IMAGE_ID_PATTERN", "LABEL_MAX", "TOP_K_MAX", "ErrorBody",
-           "ErrorResponse", "GalleryImage", "UploadResponse", "ImageList", "DeletedImage",
-           "DeletedGallery", "GallerySummary", "GalleryList", "QueryResult", "QueryTimings",
-           "QueryResponse", "Health", "Readiness", "UploadForm", "QueryForm"]
+__all__ = ["GALLERY_PATTERN", "IMAGE_ID_PATTERN", "LABEL_MAX", "TOP_K_MAX", "RERANK_MAX",
+           "ErrorBody", "ErrorResponse", "GalleryImage", "UploadResponse", "ImageList",
+           "DeletedImage", "DeletedGallery", "GallerySummary", "GalleryList", "QueryResult",
+           "QueryTimings", "QueryResponse", "Health", "Readiness", "UploadForm", "QueryForm"]
 
 # Gallery names go into store keys and URLs: a conservative alphabet.
 GALLERY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 IMAGE_ID_PATTERN = r"^[0-9a-f]{32}$"
 TOP_K_MAX = 1000
+RERANK_MAX = 100_000  # a longer shortlist is no cheaper than exhaustive (rerank=0)
 
 
 class ErrorBody(BaseModel):
@@ -106,8 +107,12 @@ class QueryTimings(BaseModel):
     model_config = ConfigDict(json_schema_extra={"description": "Milliseconds per stage"})
 
     encode_ms: float = Field(description="Decoding, preprocessing and encoding the probe")
-    fetch_ms: float = Field(description="Reading the gallery from the store")
-    score_ms: float = Field(description="Scoring the probe against the gallery")
+    fetch_ms: float = Field(description="Reading the gallery from the store: for a resident "
+                                        "gallery, the generation check and any changes "
+                                        "replayed")
+    score_ms: float = Field(description="Scoring the probe against the gallery (both stages)")
+    shortlist_ms: float = Field(0.0, description="Of score_ms, stage one of two-stage "
+                                                 "retrieval (the embeddings' cosine)")
     total_ms: float
 
 
@@ -116,7 +121,12 @@ class QueryResponse(BaseModel):
     model_id: str
     top_k: int
     gallery_size: int = Field(description="Images in the gallery when the query ran")
-    scored: int = Field(description="Gallery images scored (after the filters)")
+    scored: int = Field(description="Gallery images ranked (after the filters)")
+    rescored: int = Field(description="Of those, the images scored by the DSMI pair head: all "
+                                      "of them when exhaustive, the shortlist otherwise")
+    rerank: int = Field(description="The shortlist length used; 0: exhaustive")
+    resident: bool = Field(description="Whether the gallery was scored from this process's "
+                                       "resident copy (else streamed from the store)")
     results: list[QueryResult] = Field(description="Best first")
     timings: QueryTimings
 
@@ -174,3 +184,8 @@ class QueryForm(BaseModel):
                                                           "cameras (repeated)")
     exclude_cameras: list[Label] | None = Field(None, description="Leave out gallery images "
                                                                   "from these cameras")
+    rerank: int | None = Field(
+        None, ge=0, le=RERANK_MAX,
+        description="Two-stage retrieval: rank the gallery by the per-image embeddings, then "
+                    "re-score this many of the best with the DSMI pair head; 0 re-scores "
+                    "every image (exhaustive). Default: the service's DSMI_RERANK")

@@ -32,6 +32,9 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 CONFIG_ENV = "DSMI_CONFIG"
 
 MiB = 1024 * 1024
+# Chosen by measurement (bench/rerank_bench.py, docs/results.md): the smallest shortlist whose
+# CUHK03 val R1 and mAP stay within 0.5 points of exhaustive scoring.
+RERANK_DEFAULT = 100
 
 
 def _split_list(value: object) -> object:
@@ -83,6 +86,15 @@ class Settings(BaseSettings):
     max_inflight_uploads: int = Field(4, gt=0, description="Uploads in flight at once per "
                                                            "worker; more are answered 503")
     cache_dtype: Literal["float32", "float16"] = "float32"
+    cache_max_bytes: int = Field(
+        2 * 1024 * MiB, ge=0,
+        description="Bytes of galleries each worker keeps resident (decoded, coherent with "
+                    "Redis); the least recently queried are evicted past it, and a gallery "
+                    "larger than it is streamed from the store per query. 0: none resident")
+    rerank: int = Field(
+        RERANK_DEFAULT, ge=0,
+        description="Two-stage retrieval: items re-scored by the pair head after the "
+                    "embedding shortlist (a query's rerank overrides it); 0: exhaustive")
     providers: Annotated[list[str] | None, NoDecode] = Field(
         None, description="ONNX Runtime execution providers, comma-separated; default: the "
                           "engine's choice (CUDA when available, else CPU)")

@@ -221,7 +221,16 @@ def test_query_ranks_the_gallery_like_the_engine(client, engine):
     assert [x["image_id"] for x in everything[:5]] == [x["image_id"] for x in results]
 
 
-def test_query_reads_the_gallery_one_scoring_batch_at_a_time(memory_client, engine):
+@pytest.fixture
+def streaming_client(engine):
+    """No resident galleries: every query streams its gallery from the store."""
+    app, _ = make_client(engine, "memory", cache_max_bytes=0)
+    with TestClient(app) as c:
+        yield c
+
+
+def test_query_reads_the_gallery_one_scoring_batch_at_a_time(streaming_client, engine):
+    memory_client = streaming_client
     build_gallery(memory_client, 40)
     store = memory_client.app.state.store
     chunks = []

@@ -8,8 +8,10 @@ import threading
 import pytest
 
 from service.store import (
+    Change,
     GalleryItem,
     GalleryStore,
+    Generation,
     MemoryGalleryStore,
     NewItem,
     RedisGalleryStore,
@@ -269,3 +271,79 @@ def test_a_damaged_redis_entry_is_left_out(redis_prefix):
     scanned = [item for chunk in store.iter_chunks("g", ["a"], 2) for item, _ in chunk]
     assert ids(scanned) == ids([items[0], items[2]])
     store.close()
+
+
+# -- generations and change logs (what resident galleries replay) ---------------------------
+
+def test_every_write_advances_the_generation_and_logs_what_changed(store):
+    assert store.generation("g") == Generation("", 0)
+    first = new_items(3)
+    store.add_items("g", first)
+    g1 = store.generation("g")
+    assert g1.number == 1 and g1.epoch
+    store.delete_item("g", ids(first)[1])
+    second = new_items(2, tag=1)
+    store.add_items("g", second)
+    now, changes = store.changes_since("g", g1)
+    assert now == store.generation("g") and now.number == 3 and now.epoch == g1.epoch
+    assert changes == [Change(2, "remove", (ids(first)[1],)),
+                       Change(3, "add", tuple(ids(second)))]
+    assert store.changes_since("g", now) == (now, [])
+
+
+def test_writes_that_change_nothing_leave_the_generation_alone(store):
+    store.add_items("g", new_items(1))
+    before = store.generation("g")
+    assert not store.delete_item("g", new_image_id())
+    assert not store.delete_item("nope", new_image_id())
+    store.add_items("g", [])
+    assert store.generation("g") == before
+    assert store.generation("nope") == Generation("", 0)
+
+
+def test_a_deleted_gallery_cannot_be_replayed_and_a_new_one_has_a_new_epoch(store):
+    store.add_items("g", new_items(2))
+    old = store.generation("g")
+    store.delete_gallery("g")
+    assert store.generation("g") == Generation("", 0)
+    assert store.changes_since("g", old)[1] is None
+    store.add_items("g", new_items(2))
+    store.add_items("g", new_items(1))
+    now, changes = store.changes_since("g", old)
+    # Same number of writes as before the deletion, but another epoch: never mistaken.
+    assert now.number == 2 and now.epoch != old.epoch and changes is None
+
+
+def test_fetch_items_returns_the_asked_items_in_order_and_leaves_out_the_rest(store):
+    added = new_items(4)
+    store.add_items("g", added)
+    store.add_items("h", new_items(1))
+    store.delete_item("g", ids(added)[2])
+    wanted = [ids(added)[3], new_image_id(), ids(added)[0], ids(added)[2]]
+    chunk = store.fetch_items("g", wanted, ["a"])
+    assert [item.image_id for item, _ in chunk] == [ids(added)[3], ids(added)[0]]
+    assert chunk[0][1] == {"a": BLOB + bytes([3])} and chunk[0][0] == added[3].item
+    assert store.fetch_items("h", ids(added)[:1], ["a"]) == []  # another gallery's item
+    assert store.fetch_items("g", [], ["a"]) == []
+
+
+def test_redis_replay_gives_up_when_the_log_was_trimmed(redis_prefix):
+    store = RedisGalleryStore(REDIS_URL, namespace="m", prefix=redis_prefix)
+    store.add_items("g", new_items(1))
+    start = store.generation("g")
+    for k in range(3):
+        store.add_items("g", new_items(1, tag=k))
+    assert len(store.changes_since("g", start)[1]) == 3
+    store.client.xtrim(store._gen_keys("g")[1], maxlen=1, approximate=False)  # as the cap would
+    now, changes = store.changes_since("g", start)
+    assert now.number == 4 and changes is None
+    _, last = store.changes_since("g", Generation(start.epoch, 3))  # still in the log
+    assert [c.number for c in last] == [4]
+
+
+def test_redis_deleting_unknown_names_creates_no_keys(redis_prefix):
+    store = RedisGalleryStore(REDIS_URL, namespace="m", prefix=redis_prefix)
+    for k in range(5):
+        store.delete_item(f"g{k}", new_image_id())
+        store.delete_gallery(f"h{k}")
+    assert list(store.client.scan_iter(match=redis_prefix + "*")) == []

@@ -7,13 +7,14 @@ from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Depends
 
-from ..deps import get_engine, get_metrics, get_settings, get_store
+from ..deps import get_cache, get_engine, get_metrics, get_settings, get_store
 from ..errors import ServiceError
-from ..matching import encode_probe, rank_gallery, read_image
+from ..matching import CameraFilter, encode_probe, rank_gallery, read_image
 from ..metrics import ServiceMetrics
 from ..schemas import QueryForm, QueryResponse, QueryResult, QueryTimings
 from ..settings import Settings
-from ..store import GalleryItem, GalleryStore
+from ..store import GalleryStore
+from ..store.resident import ResidentCache
 from .common import MULTIPART, GalleryName, errors
 
 if TYPE_CHECKING:
@@ -22,16 +23,11 @@ if TYPE_CHECKING:
 router = APIRouter(prefix="/v1/galleries", tags=["query"])
 
 
-def _camera_filter(form: QueryForm):
-    only = set(form.cameras) if form.cameras else None
+def _camera_filter(form: QueryForm) -> CameraFilter:
     excluded = set(form.exclude_cameras or ())
     if form.exclude_same_camera:
         excluded.add(form.camera_id)
-
-    def accept(item: GalleryItem) -> bool:
-        return item.camera_id not in excluded and (only is None or item.camera_id in only)
-
-    return accept
+    return CameraFilter.of(form.cameras or None, excluded)
 
 
 @router.post("/{gallery}/query", response_model=QueryResponse, summary="Rank a gallery",
@@ -40,9 +36,14 @@ def query_gallery(gallery: GalleryName, form: Annotated[QueryForm, MULTIPART],
                   engine: Engine = Depends(get_engine),
                   store: GalleryStore = Depends(get_store),
                   settings: Settings = Depends(get_settings),
-                  metrics: ServiceMetrics = Depends(get_metrics)) -> QueryResponse:
+                  metrics: ServiceMetrics = Depends(get_metrics),
+                  cache: ResidentCache | None = Depends(get_cache)) -> QueryResponse:
     """Score the probe `image` against the gallery and return the `top_k` best matches,
     best first, with the time spent encoding the probe, fetching and scoring the gallery.
+
+    Two-stage by default: the whole gallery is ranked by the per-image embeddings and the
+    best `rerank` (DSMI_RERANK) are re-scored by the DSMI pair head; `rerank=0` scores every
+    image with the pair head (exhaustive).
 
     Filters: `exclude_same_camera` (with the probe's `camera_id`) leaves out the probe's own
     camera, `cameras` keeps only those cameras, `exclude_cameras` leaves those out."""
@@ -59,17 +60,20 @@ def query_gallery(gallery: GalleryName, form: Annotated[QueryForm, MULTIPART],
                          form.image.filename)
     probe = encode_probe(engine, decoded.tensor)
     encode_s = time.perf_counter() - start
+    rerank = settings.rerank if form.rerank is None else form.rerank
     outcome = rank_gallery(engine, store, gallery, probe, form.top_k, _camera_filter(form),
-                           metrics)
+                           metrics, cache=cache, rerank=rerank, size_hint=size)
     total_s = time.perf_counter() - start
     for stage, seconds in (("encode", encode_s), ("fetch", outcome.fetch_s),
-                           ("score", outcome.score_s)):
+                           ("shortlist", outcome.shortlist_s), ("score", outcome.score_s)):
         metrics.query_stage.labels(stage).observe(seconds)
     results = [QueryResult(rank=r, image_id=item.image_id, person_id=item.person_id,
                            camera_id=item.camera_id, score=score)
                for r, (item, score) in enumerate(outcome.ranked, start=1)]
     return QueryResponse(
         gallery=gallery, model_id=engine.model_id, top_k=form.top_k, gallery_size=size,
-        scored=outcome.scored, results=results,
+        scored=outcome.scored, rescored=outcome.rescored, rerank=outcome.rerank,
+        resident=outcome.resident, results=results,
         timings=QueryTimings(encode_ms=1e3 * encode_s, fetch_ms=1e3 * outcome.fetch_s,
-                             score_ms=1e3 * outcome.score_s, total_ms=1e3 * total_s))
+                             score_ms=1e3 * outcome.score_s,
+                             shortlist_ms=1e3 * outcome.shortlist_s, total_ms=1e3 * total_s))

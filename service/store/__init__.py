@@ -1,9 +1,11 @@
 """Gallery stores: Redis for real use, an in-process one for trying things out."""
 
 from .base import (
+    Change,
     Chunk,
     GalleryItem,
     GalleryStore,
+    Generation,
     InvalidItem,
     NewItem,
     StoreError,
@@ -13,5 +15,6 @@ from .base import (
 from .memory_store import MemoryGalleryStore
 from .redis_store import RedisGalleryStore
 
-__all__ = ["Chunk", "GalleryItem", "GalleryStore", "InvalidItem", "NewItem", "StoreError",
-           "StoreUnavailable", "new_image_id", "MemoryGalleryStore", "RedisGalleryStore"]
+__all__ = ["Change", "Generation", "Chunk", "GalleryItem", "GalleryStore", "InvalidItem",
+           "NewItem", "StoreError", "StoreUnavailable", "new_image_id", "MemoryGalleryStore",
+           "RedisGalleryStore"]

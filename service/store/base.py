@@ -17,7 +17,8 @@ from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["GalleryItem", "NewItem", "Chunk", "checked_blobs", "GalleryStore", "StoreError",
            "StoreUnavailable", "new_image_id", "InvalidItem", "check_label", "check_metadata",
-           "LABEL_MAX", "METADATA_MAX_DEPTH"]
+           "LABEL_MAX", "METADATA_MAX_DEPTH", "Generation", "Change", "CHANGE_OPS",
+           "CHANGE_LOG_MAX"]
 
 LABEL_MAX = 128          # longest person_id / camera_id
 METADATA_MAX_DEPTH = 16  # nesting levels of metadata (the top-level object is level 1)
@@ -159,6 +160,31 @@ def checked_blobs(items: Sequence[NewItem]) -> list[dict[str, bytes]]:
 # One chunk of a gallery scan: (item, {field: bytes}) in insertion order.
 Chunk = list[tuple[GalleryItem, dict[str, bytes]]]
 
+# Changes a store keeps per gallery for readers that cache it (about; Redis trims lazily).
+# A reader further behind reloads the gallery instead of replaying.
+CHANGE_LOG_MAX = 10_000
+CHANGE_OPS = ("add", "remove")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Where a gallery stands: ``number`` counts the writes to it (0: no such gallery);
+    ``epoch`` is drawn when the gallery is created, so that a gallery deleted and created
+    again (or a store cleared) never repeats an earlier (epoch, number)."""
+
+    epoch: str
+    number: int
+
+
+@dataclass(frozen=True)
+class Change:
+    """One write to a gallery: the items it added or removed, and the generation number it
+    made (``Generation.number``)."""
+
+    number: int
+    op: str  # one of CHANGE_OPS
+    image_ids: tuple[str, ...]
+
 
 @runtime_checkable
 class GalleryStore(Protocol):
@@ -207,6 +233,22 @@ class GalleryStore(Protocol):
         """The gallery's items with these blob fields, ``chunk_size`` at a time, in insertion
         order. Items deleted during the scan may be left out; an item lacking one of the
         fields is given without it."""
+
+    def fetch_items(self, gallery: str, image_ids: Sequence[str], fields: Sequence[str]
+                    ) -> Chunk:
+        """These items with these blob fields, in the order asked, in one round trip;
+        items that are not (or no longer) in the gallery, or damaged, are left out."""
+
+    def generation(self, gallery: str) -> Generation:
+        """The gallery's generation (``Generation("", 0)`` when there is no such gallery).
+        Every write that changes the gallery advances it in the same transaction."""
+
+    def changes_since(self, gallery: str, since: Generation
+                      ) -> tuple[Generation, list[Change] | None]:
+        """(the generation now, the changes after ``since`` in order), read atomically.
+        The list is ``None`` when they cannot be replayed: another epoch (the gallery was
+        deleted since, or no longer exists) or more than ``CHANGE_LOG_MAX`` changes behind;
+        the reader then reloads the gallery."""
 
     def clear(self) -> None:
         """Delete everything this store wrote under its namespace (and nothing else)."""

@@ -8,12 +8,17 @@ or dtype out of reach. :class:`TensorCodec` writes and checks them.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 import numpy as np
 
-__all__ = ["CACHE_DTYPES", "TensorCodec"]
+__all__ = ["CACHE_DTYPES", "TensorCodec", "decode_entries"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CACHE_DTYPES = ("float32", "float16")
 
@@ -89,3 +94,29 @@ class TensorCodec:
                 raise ValueError(f"cached item {bad}, field {f!r}: non-finite values; corrupt")
             out[f] = array.astype(self._np.newbyteorder("="), copy=False)
         return out
+
+
+def decode_entries(codec: TensorCodec, entries: Sequence[tuple[T, Mapping[str, bytes]]],
+                   context: str = "") -> tuple[list[T], dict[str, np.ndarray] | None, int]:
+    """Stored entries ``(item, {field: bytes})`` -> (the items kept, their batch or ``None``
+    when none is readable, how many were skipped). An entry that lacks a required field or
+    does not decode is left out and logged: one damaged entry never fails the rest."""
+    good = [(item, blobs) for item, blobs in entries
+            if all(f in blobs for f in codec.required)]
+    try:
+        batch = codec.decode([blobs for _, blobs in good]) if good else None
+        return [item for item, _ in good], batch, len(entries) - len(good)
+    except ValueError:
+        pass
+    kept = []
+    for item, blobs in good:  # find the broken ones
+        try:
+            codec.decode([blobs])
+            kept.append((item, blobs))
+        except ValueError as exc:
+            log.warning("%sskipping unreadable cache entry %s: %s", context,
+                        getattr(item, "image_id", item), exc)
+    skipped = len(entries) - len(kept)
+    if not kept:
+        return [], None, skipped
+    return [item for item, _ in kept], codec.decode([blobs for _, blobs in kept]), skipped

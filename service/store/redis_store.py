@@ -8,15 +8,22 @@ activations of two models never mix):
 - ``g:{gallery}``: sorted set of the gallery's image ids, scored by insertion number;
 - ``i:{gallery}:{image_id}``: hash with ``meta`` (the item's JSON description) and one
   ``b:{field}`` entry per blob (the conv5 map, the engine's cached gallery tensors);
+- ``gen:{gallery}``: hash with the gallery's generation, ``epoch`` (drawn when the gallery is
+  created) and ``n`` (writes so far);
+- ``log:{gallery}``: stream of the gallery's last writes (``n``, ``op``, ``ids`` as a JSON
+  list), about ``CHANGE_LOG_MAX`` long, read by processes that keep the gallery resident;
 - ``trash:{uuid}``: a deleted gallery's id set while its items are being removed.
 
-An upload is one MULTI/EXEC transaction. A scan walks the sorted set by insertion number
+An upload is one MULTI/EXEC transaction, and so is a deletion; both advance the generation
+and append to the change stream inside it (small Lua scripts), so a reader that sees a
+generation sees every write before it. A scan walks the sorted set by insertion number
 (a cursor that concurrent writes cannot shift) and fetches each chunk's hashes in one
 pipeline. ``clear`` deletes only keys under the store's own prefix and namespace.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import uuid
@@ -27,7 +34,16 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from .base import Chunk, GalleryItem, NewItem, StoreUnavailable, checked_blobs
+from .base import (
+    CHANGE_LOG_MAX,
+    Change,
+    Chunk,
+    GalleryItem,
+    Generation,
+    NewItem,
+    StoreUnavailable,
+    checked_blobs,
+)
 
 __all__ = ["RedisGalleryStore"]
 
@@ -35,6 +51,39 @@ log = logging.getLogger(__name__)
 
 _META = b"meta"
 _DRAIN_CHUNK = 500
+
+# KEYS[1] the gallery's gen hash, KEYS[2] its change stream. Run inside the write's own
+# transaction (or script), so the generation never runs ahead of or behind the data.
+_LOG_LUA = """
+local function log(gen, stream, new_epoch, op, ids, maxlen)
+  redis.call('HSETNX', gen, 'epoch', new_epoch)
+  local n = redis.call('HINCRBY', gen, 'n', 1)
+  redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'n', n, 'op', op, 'ids', ids)
+  return n
+end
+"""
+# ARGV: new epoch, ids (JSON), stream length.
+_ADD_LUA = _LOG_LUA + "return log(KEYS[1], KEYS[2], ARGV[1], 'add', ARGV[2], ARGV[3])"
+# KEYS[3] the id set, KEYS[4] the item hash; ARGV[4] the image id. Nothing is logged (nor
+# any key created) when the item is not there: deleting unknown names leaves no trace.
+_REMOVE_LUA = _LOG_LUA + """
+if redis.call('ZREM', KEYS[3], ARGV[4]) == 0 then return 0 end
+redis.call('DEL', KEYS[4])
+log(KEYS[1], KEYS[2], ARGV[1], 'remove', ARGV[2], ARGV[3])
+return 1
+"""
+# ARGV: the reader's epoch and number, the most changes worth replaying. Returns
+# {epoch, n, newest-first entries} (no entries when they cannot or need not be replayed).
+_CHANGES_LUA = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then return {'', 0, {}} end
+local n = tonumber(redis.call('HGET', KEYS[1], 'n'))
+local behind = n - tonumber(ARGV[2])
+if epoch ~= ARGV[1] or behind <= 0 or behind > tonumber(ARGV[3]) then
+  return {epoch, n, {}}
+end
+return {epoch, n, redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', behind)}
+"""
 
 
 def _blob_key(field: str) -> bytes:
@@ -112,6 +161,9 @@ class RedisGalleryStore:
             image_id = image_id.decode()
         return self._key("i", gallery, image_id)
 
+    def _gen_keys(self, gallery: str) -> tuple[bytes, bytes]:
+        return self._key("gen", gallery), self._key("log", gallery)
+
     def _guard(self, what: str):
         return _guard(what, self.url)
 
@@ -136,6 +188,9 @@ class RedisGalleryStore:
                 mapping = {_META: meta}
                 mapping.update({_blob_key(f): v for f, v in item_blobs.items()})
                 pipe.hset(self._item_key(gallery, new.item.image_id), mapping=mapping)
+            ids = json.dumps([new.item.image_id for new in items])
+            pipe.eval(_ADD_LUA, 2, *self._gen_keys(gallery), uuid.uuid4().hex, ids,
+                      CHANGE_LOG_MAX)
             pipe.zcard(self._ids_key(gallery))
             return int(pipe.execute()[-1])
 
@@ -197,10 +252,10 @@ class RedisGalleryStore:
 
     def delete_item(self, gallery: str, image_id: str) -> bool:
         with self._guard("delete the item"):
-            pipe = self.client.pipeline(transaction=True)
-            pipe.zrem(self._ids_key(gallery), image_id)
-            pipe.delete(self._item_key(gallery, image_id))
-            removed, _ = pipe.execute()
+            removed = self.client.eval(
+                _REMOVE_LUA, 4, *self._gen_keys(gallery), self._ids_key(gallery),
+                self._item_key(gallery, image_id), uuid.uuid4().hex, json.dumps([image_id]),
+                CHANGE_LOG_MAX, image_id)
         return bool(removed)
 
     def delete_gallery(self, gallery: str) -> int | None:
@@ -212,6 +267,8 @@ class RedisGalleryStore:
             size = pipe.zcard(ids_key)
             pipe.multi()
             pipe.srem(self._galleries_key(), gallery)
+            # A new gallery of this name gets a new epoch: readers reload, never replay.
+            pipe.delete(*self._gen_keys(gallery))
             if size:
                 pipe.rename(ids_key, trash)
             return bool(exists), int(size)
@@ -251,17 +308,70 @@ class RedisGalleryStore:
                 for image_id, _ in rows:
                     pipe.hmget(self._item_key(gallery, image_id), wanted)
                 values = pipe.execute()
-            chunk: Chunk = []
-            for (image_id, _), row in zip(rows, values, strict=True):
-                # None: deleted since the id was read (or damaged, and logged)
-                item = _parse_meta(row[0], self._item_key(gallery, image_id))
-                if item is None:
-                    continue
-                blobs = {f: v for f, v in zip(fields, row[1:], strict=True) if v is not None}
-                chunk.append((item, blobs))
+            chunk = self._chunk(gallery, [image_id for image_id, _ in rows], values, fields)
             if chunk:
                 yield chunk
             cursor = f"({int(rows[-1][1])}"
+
+    def fetch_items(self, gallery: str, image_ids: Sequence[str], fields: Sequence[str]
+                    ) -> Chunk:
+        image_ids = list(image_ids)
+        if not image_ids:
+            return []
+        wanted = [_META] + [_blob_key(f) for f in fields]
+        with self._guard("read the items"):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zmscore(self._ids_key(gallery), image_ids)
+            for image_id in image_ids:
+                pipe.hmget(self._item_key(gallery, image_id), wanted)
+            listed, *rows = pipe.execute()
+        # An item hash can outlive its listing while a deleted gallery is being drained.
+        kept = [(i, row) for i, row, score in zip(image_ids, rows, listed, strict=True)
+                if score is not None]
+        return self._chunk(gallery, [i for i, _ in kept], [row for _, row in kept], fields)
+
+    def _chunk(self, gallery: str, image_ids: Sequence[str | bytes], rows: Sequence[list],
+               fields: Sequence[str]) -> Chunk:
+        """HMGET rows (meta, then the fields) -> a chunk; an item whose meta is gone (deleted
+        since its id was read) or damaged (logged) is left out."""
+        chunk: Chunk = []
+        for image_id, row in zip(image_ids, rows, strict=True):
+            item = _parse_meta(row[0], self._item_key(gallery, image_id))
+            if item is not None:
+                chunk.append((item, {f: v for f, v in zip(fields, row[1:], strict=True)
+                                     if v is not None}))
+        return chunk
+
+    def generation(self, gallery: str) -> Generation:
+        with self._guard("read the gallery generation"):
+            epoch, number = self.client.hmget(self._gen_keys(gallery)[0], [b"epoch", b"n"])
+        return Generation(epoch.decode() if epoch else "", int(number or 0))
+
+    def changes_since(self, gallery: str, since: Generation
+                      ) -> tuple[Generation, list[Change] | None]:
+        with self._guard("read the gallery changes"):
+            epoch, number, entries = self.client.eval(
+                _CHANGES_LUA, 2, *self._gen_keys(gallery), since.epoch, since.number,
+                CHANGE_LOG_MAX)
+        now = Generation(epoch.decode() if isinstance(epoch, bytes) else str(epoch or ""),
+                         int(number))
+        if now == since:
+            return now, []
+        if now.epoch != since.epoch or now.number < since.number:
+            return now, None
+        changes = []
+        for _, fields in reversed(entries):
+            values = dict(zip(fields[::2], fields[1::2], strict=True))
+            try:
+                changes.append(Change(int(values[b"n"]), values[b"op"].decode(),
+                                      tuple(json.loads(values[b"ids"]))))
+            except (KeyError, ValueError, TypeError):
+                log.warning("gallery %s: unreadable change record %r", gallery, values)
+                return now, None
+        # The stream is trimmed lazily and may have lost the oldest entries asked for.
+        if [c.number for c in changes] != list(range(since.number + 1, now.number + 1)):
+            return now, None
+        return now, changes
 
     def clear(self) -> None:
         pattern = re.sub(rb"([*?\[\]\\])", rb"\\\1", self._base) + b"*"
