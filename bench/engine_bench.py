@@ -236,9 +236,14 @@ class TorchEager:
     name = "PyTorch eager"
 
     def __init__(self, net, device: str) -> None:
+        import copy
+
         import torch
 
-        self.torch, self.net, self.device = torch, net.to(device).eval(), device
+        # A copy on the device: Module.to moves in place, and the caller's network is used
+        # afterwards on the CPU (FLOP counts), which crashed with CUDA weights and CPU inputs.
+        self.torch, self.device = torch, device
+        self.net = copy.deepcopy(net).to(device).eval()
 
     def _sync(self) -> None:
         if self.device.startswith("cuda"):

@@ -163,7 +163,10 @@ class ResidentGallery:
         self._alive, self._camera = grown(self._alive), grown(self._camera)
         self._alive_shared = False
 
-    def _append(self, items: list[GalleryItem], batch: dict[str, np.ndarray]) -> None:
+    def append(self, items: list[GalleryItem], batch: dict[str, np.ndarray]) -> None:
+        """Add items with their decoded tensors (``batch[field]`` ``(len(items), *shape)``,
+        as the codec decodes them); an id already here is replaced. For loading and
+        benchmarks: a synced gallery gets its items from the store."""
         for item in items:  # a re-added id replaces its old row
             self._remove(item.image_id)
         start, count = self._n, len(items)
@@ -206,7 +209,7 @@ class ResidentGallery:
     def _add_entries(self, chunk: Chunk) -> int:
         items, batch, skipped = decode_entries(self.codec, chunk, f"gallery {self.name}: ")
         if batch is not None:
-            self._append(items, batch)
+            self.append(items, batch)
         return skipped
 
     # -- coherence ----------------------------------------------------------------------------
