@@ -25,6 +25,7 @@ from .metrics import ServiceMetrics
 from .store import GalleryItem, GalleryStore
 from .store.codec import decode_entries
 from .store.resident import GalleryView, ResidentCache
+from .thumbnails import make_thumbnail
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -43,6 +44,7 @@ class DecodedImage:
     tensor: np.ndarray          # (3, H, W) float32, the network's input
     width: int | None           # the upright image's size
     height: int | None
+    thumbnail: bytes | None = None  # a small JPEG of it, when asked for
 
 
 def _image_error(status: int, code: str, reason: str, filename: str | None,
@@ -64,8 +66,10 @@ _DECODE_ERRORS = {
 
 
 def read_image(data: bytes, engine: Engine, max_bytes: int, max_pixels: int,
-               filename: str | None = None, index: int | None = None) -> DecodedImage:
-    """Check and decode one uploaded image into the network's input.
+               filename: str | None = None, index: int | None = None,
+               thumbnail: bool = False) -> DecodedImage:
+    """Check and decode one uploaded image into the network's input (and its thumbnail,
+    :func:`service.thumbnails.make_thumbnail`, when ``thumbnail``).
 
     Raises :class:`ServiceError`: 413 for too many bytes or pixels (the pixel count is checked
     from the header, before any pixel is decoded), 415 for a format the service does not take,
@@ -80,7 +84,8 @@ def read_image(data: bytes, engine: Engine, max_bytes: int, max_pixels: int,
     except ImageDecodeError as exc:
         status, code = _DECODE_ERRORS[exc.reason]
         raise _image_error(status, code, str(exc), filename, index) from exc
-    return DecodedImage(engine.preprocess(image), image.width, image.height)
+    return DecodedImage(engine.preprocess(image), image.width, image.height,
+                        make_thumbnail(image) if thumbnail else None)
 
 
 def gallery_blobs(engine: Engine, tensors: Sequence[np.ndarray],

@@ -604,3 +604,31 @@ def test_docs_pages_load_their_assets_from_the_service(memory_client):
         for url in assets:
             r = memory_client.get(url)
             assert r.status_code == 200 and len(r.content) > 10_000, url
+
+
+# -- thumbnails ----------------------------------------------------------------------------------
+
+def test_each_upload_stores_a_small_thumbnail_served_by_its_route(client):
+    big = image_bytes(7, size=(300, 600))
+    wide = image_bytes(8, size=(200, 50), fmt="PNG")
+    r = upload(client, "g", [big, wide])
+    assert r.status_code == 201, r.text
+    first, second = (x["image_id"] for x in r.json()["images"])
+    shown = client.get(f"/v1/galleries/g/images/{first}/thumbnail")
+    assert shown.status_code == 200 and shown.headers["content-type"] == "image/jpeg"
+    thumb = Image.open(io.BytesIO(shown.content))
+    assert thumb.format == "JPEG" and thumb.size == (96, 192)  # 300x600 scaled, aspect kept
+    # It looks like the upload: the mean colour of the scaled image.
+    original = np.asarray(Image.open(io.BytesIO(big)).convert("RGB"), np.float32)
+    assert np.abs(np.asarray(thumb, np.float32).mean((0, 1)) - original.mean((0, 1))).max() < 4
+    assert len(shown.content) < 30_000
+    thumb = Image.open(io.BytesIO(client.get(f"/v1/galleries/g/images/{second}/thumbnail")
+                                  .content))
+    assert thumb.size == (96, 24)
+    assert_error(client.get(f"/v1/galleries/g/images/{'0' * 32}/thumbnail"), 404,
+                 "image_not_found")
+    assert_error(client.get(f"/v1/galleries/nope/images/{first}/thumbnail"), 404,
+                 "gallery_not_found")
+    assert_error(client.get("/v1/galleries/g/images/xyz/thumbnail"), 422)
+    # The thumbnail is not a tensor: queries and listings are as before.
+    assert query(client, "g", big, top_k=1).json()["results"][0]["image_id"] == first

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Response
 
 from ..auth import ApiKey
 from ..deps import current_key, get_engine, get_metrics, get_settings, get_store
@@ -25,6 +25,7 @@ from ..schemas import (
 from ..settings import Settings
 from ..store import GalleryItem, GalleryStore, InvalidItem, NewItem, new_image_id
 from ..store.base import METADATA_MAX_DEPTH, check_metadata
+from ..thumbnails import THUMBNAIL_FIELD, THUMBNAIL_MEDIA_TYPE
 from .common import MULTIPART, GalleryName, ImageId, errors
 
 if TYPE_CHECKING:
@@ -46,6 +47,14 @@ def _clean_filename(name: str | None) -> str | None:
 def _not_found(gallery: str) -> ServiceError:
     return ServiceError(404, "gallery_not_found", f"no gallery named {gallery!r}",
                         details={"gallery": gallery})
+
+
+def _missing_image(store: GalleryStore, gallery: str, image_id: str) -> ServiceError:
+    """The 404 for an image that is not there: its gallery's, or its own."""
+    if store.gallery_size(gallery) is None:
+        return _not_found(gallery)
+    return ServiceError(404, "image_not_found", f"no image {image_id} in gallery {gallery!r}",
+                        details={"gallery": gallery, "image_id": image_id})
 
 
 def _reject_constant(name: str) -> None:
@@ -133,9 +142,11 @@ def upload_images(gallery: GalleryName, form: Annotated[UploadForm, MULTIPART],
     for k, upload in enumerate(form.images):
         data = upload.file.read(settings.max_image_bytes + 1)
         decoded.append(read_image(data, engine, settings.max_image_bytes, settings.max_pixels,
-                                  upload.filename, k))
+                                  upload.filename, k, thumbnail=True))
     blobs = gallery_blobs(engine, [d.tensor for d in decoded],
                           [upload.filename for upload in form.images])
+    for item_blobs, d in zip(blobs, decoded, strict=True):
+        item_blobs[THUMBNAIL_FIELD] = d.thumbnail
     items = [GalleryItem(image_id=new_image_id(), person_id=pid, camera_id=cam,
                          metadata=meta, width=d.width, height=d.height,
                          filename=_clean_filename(upload.filename))
@@ -170,12 +181,28 @@ def get_image(gallery: GalleryName, image_id: ImageId,
               store: GalleryStore = Depends(get_store)) -> GalleryImage:
     item = store.get_item(gallery, image_id)
     if item is None:
-        if store.gallery_size(gallery) is None:
-            raise _not_found(gallery)
-        raise ServiceError(404, "image_not_found",
-                           f"no image {image_id} in gallery {gallery!r}",
-                           details={"gallery": gallery, "image_id": image_id})
+        raise _missing_image(store, gallery, image_id)
     return GalleryImage.from_item(item)
+
+
+@router.get("/{gallery}/images/{image_id}/thumbnail", response_class=Response,
+            summary="Get one image's thumbnail",
+            responses={200: {"content": {THUMBNAIL_MEDIA_TYPE: {}},
+                             "description": "A JPEG of at most 96x192 pixels"},
+                       **errors(401, 404, 422, 503)})
+def get_thumbnail(gallery: GalleryName, image_id: ImageId,
+                  store: GalleryStore = Depends(get_store)) -> Response:
+    """A small JPEG of the image (aspect kept), stored when it was uploaded."""
+    blobs = store.get_blobs(gallery, image_id, [THUMBNAIL_FIELD])
+    if blobs is None:
+        raise _missing_image(store, gallery, image_id)
+    if THUMBNAIL_FIELD not in blobs:
+        raise ServiceError(404, "thumbnail_not_found",
+                           f"image {image_id} was stored without a thumbnail (uploaded by an "
+                           "earlier version)", details={"gallery": gallery, "image_id": image_id})
+    # Images never change under their id: a client may keep the thumbnail.
+    return Response(blobs[THUMBNAIL_FIELD], media_type=THUMBNAIL_MEDIA_TYPE,
+                    headers={"Cache-Control": "private, max-age=86400, immutable"})
 
 
 @router.delete("/{gallery}/images/{image_id}", response_model=DeletedImage,
@@ -183,11 +210,7 @@ def get_image(gallery: GalleryName, image_id: ImageId,
 def delete_image(gallery: GalleryName, image_id: ImageId,
                  store: GalleryStore = Depends(get_store)) -> DeletedImage:
     if not store.delete_item(gallery, image_id):
-        if store.gallery_size(gallery) is None:
-            raise _not_found(gallery)
-        raise ServiceError(404, "image_not_found",
-                           f"no image {image_id} in gallery {gallery!r}",
-                           details={"gallery": gallery, "image_id": image_id})
+        raise _missing_image(store, gallery, image_id)
     return DeletedImage(gallery=gallery, image_id=image_id)
 
 
