@@ -24,7 +24,7 @@ from .deps import require_api_key
 from .errors import install_error_handlers
 from .metrics import MetricsMiddleware, ServiceMetrics
 from .middleware import AdmissionMiddleware, ApiKeyMiddleware, BodyLimitMiddleware
-from .routers import docs, galleries, health, query
+from .routers import console, docs, galleries, health, query
 from .routers.common import errors
 from .settings import Settings
 from .store import GalleryStore, MemoryGalleryStore, RedisGalleryStore
@@ -149,6 +149,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
                   description=DESCRIPTION, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.mount(docs.ASSETS_PATH, docs.assets_app(), name="docs-assets")
     app.include_router(docs.router)
+    app.mount(console.ASSETS_PATH, console.assets_app(), name="console-assets")
+    app.include_router(console.router)
     state = app.state
     state.settings, state.metrics = settings, metrics
     state.key_ring = settings.key_ring()

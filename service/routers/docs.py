@@ -10,9 +10,15 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-__all__ = ["router", "ASSETS_PATH", "assets_app"]
+__all__ = ["router", "ASSETS_PATH", "assets_app", "SAME_ORIGIN_ONLY"]
 
 ASSETS_PATH = "/docs-assets"
+# The pages may load nothing from elsewhere: ReDoc, for one, still asks a CDN for a logo.
+# Their inline start-up scripts and styles are allowed; workers and images may be blobs.
+SAME_ORIGIN_ONLY = {"Content-Security-Policy": (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' "
+    "'unsafe-inline'; img-src 'self' data: blob:; worker-src 'self' blob:; "
+    "connect-src 'self'; frame-ancestors 'none'")}
 
 
 def _assets_dir() -> Path:
@@ -38,16 +44,20 @@ def _urls(request: Request) -> tuple[str, str]:
 @router.get("/docs", response_class=HTMLResponse)
 def swagger_ui(request: Request) -> HTMLResponse:
     openapi, assets = _urls(request)
-    return get_swagger_ui_html(
+    page = get_swagger_ui_html(
         openapi_url=openapi, title=f"{request.app.title} - docs",
         swagger_js_url=f"{assets}/swagger-ui-bundle.js",
         swagger_css_url=f"{assets}/swagger-ui.css", swagger_favicon_url=f"{assets}/favicon.png")
+    page.headers.update(SAME_ORIGIN_ONLY)
+    return page
 
 
 @router.get("/redoc", response_class=HTMLResponse)
 def redoc(request: Request) -> HTMLResponse:
     openapi, assets = _urls(request)
-    return get_redoc_html(
+    page = get_redoc_html(
         openapi_url=openapi, title=f"{request.app.title} - ReDoc",
         redoc_js_url=f"{assets}/redoc.standalone.js", redoc_favicon_url=f"{assets}/favicon.png",
         with_google_fonts=False)
+    page.headers.update(SAME_ORIGIN_ONLY)
+    return page
