@@ -123,12 +123,16 @@ class Engine:
     ``cache_dtype``: dtype of the cacheable tensors that ``prepare_gallery`` returns and
     ``codec`` stores (``"float16"`` halves the cache; scoring always runs in float32).
     ``intra_op_threads``: ONNX Runtime's thread count (default: its own choice).
+    ``spin_wait``: whether ONNX Runtime's threads busy-wait for work between runs. Off by
+    default: in a server, the spinning threads hold the cores that the next step needs (stage
+    one's matrix product after a head call took 4.8 ms instead of 0.3 ms with it on; the
+    head's own throughput differs by under 10%, bench/rerank_bench.py, docs/inference.md).
     """
 
     def __init__(self, model_dir: str | Path, providers: Sequence[str] | None = None,
                  batch_size: int = 256, cache_dtype: str = "float32", warmup: bool = True,
                  image_batch_size: int | None = None,
-                 intra_op_threads: int | None = None) -> None:
+                 intra_op_threads: int | None = None, spin_wait: bool = False) -> None:
         if cache_dtype not in CACHE_DTYPES:  # before any file is read
             raise ValueError(f"cache_dtype must be one of {CACHE_DTYPES}, not {cache_dtype!r}")
         if int(batch_size) < 1 or (image_batch_size is not None and int(image_batch_size) < 1):
@@ -159,7 +163,7 @@ class Engine:
         self.codec = TensorCodec({**{f: shape for f, (shape, _) in self.gallery_spec.items()},
                                   MAPS_FIELD: self.map_shape}, cache_dtype,
                                  required=self.gallery_fields)
-        self._sessions = self._open_sessions(providers, intra_op_threads)
+        self._sessions = self._open_sessions(providers, intra_op_threads, spin_wait)
         self.providers: list[str] = list(self._sessions["head"].get_providers())
         if warmup:
             self.warmup()
@@ -203,11 +207,13 @@ class Engine:
                                        f"manifest says {size}: truncated or replaced")
         return manifest
 
-    def _open_sessions(self, providers: Sequence[str] | None,
-                       threads: int | None) -> dict[str, ort.InferenceSession]:
+    def _open_sessions(self, providers: Sequence[str] | None, threads: int | None,
+                       spin_wait: bool) -> dict[str, ort.InferenceSession]:
         wanted = resolve_providers(providers)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.add_session_config_entry("session.intra_op.allow_spinning",
+                                         "1" if spin_wait else "0")
         if threads:
             options.intra_op_num_threads = int(threads)
         sessions: dict[str, ort.InferenceSession] = {}
