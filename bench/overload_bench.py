@@ -3,12 +3,14 @@
 ``dsmi serve`` runs in a subprocess on Redis (a key prefix of its own, deleted afterwards)
 with the bundled model; a gallery of ``--gallery`` CUHK03 ``train`` images (random images
 without the shared data) is uploaded; then ``--clients`` asyncio clients query it in a loop
-for ``--seconds``. Two designs in the same run:
+for ``--seconds``. Three designs in the same run:
 
-- ``unbounded``: every request admitted (``DSMI_MAX_INFLIGHT_QUERIES`` huge) and uvicorn's
-  default 5 s keep-alive: the service before admission control;
-- ``bounded``: the defaults (as many queries in flight per worker as CPUs, at least 2; 503 +
-  Retry-After past it; 75 s keep-alive).
+- ``unbounded``: every request admitted (``DSMI_MAX_INFLIGHT_QUERIES`` huge), uvicorn's
+  default 5 s keep-alive, every query streaming the gallery out of Redis and scoring all of
+  it: the service before admission control and resident galleries;
+- ``bounded``: admission control alone (as many queries in flight per worker as CPUs, at
+  least 2; 503 + Retry-After past it; 75 s keep-alive), queries still streamed and exhaustive;
+- ``default``: the defaults: admission control, resident galleries and two-stage retrieval.
 
 Reported per design: admitted queries/s, p50/p95 latency of admitted (200) queries, refused
 (503) per second, and connection errors (dropped or reset connections, never answered).
@@ -38,10 +40,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DSMI_DATA", ROOT.parent / "shared" / "data"))
+_STREAMED = {"DSMI_CACHE_MAX_BYTES": "0", "DSMI_RERANK": "0"}
 DESIGNS = {
     "unbounded": {"DSMI_MAX_INFLIGHT_QUERIES": "1000000", "DSMI_MAX_INFLIGHT_UPLOADS": "1000000",
-                  "DSMI_KEEP_ALIVE_SECONDS": "5"},
-    "bounded": {},
+                  "DSMI_KEEP_ALIVE_SECONDS": "5", **_STREAMED},
+    "bounded": dict(_STREAMED),
+    "default": {},
 }
 
 
