@@ -42,6 +42,7 @@ OPERATIONS = [
     ("GET", "/v1/galleries"),
     ("POST", "/v1/galleries/{gallery}/images"), ("GET", "/v1/galleries/{gallery}/images"),
     ("GET", "/v1/galleries/{gallery}/images/{image_id}"),
+    ("GET", "/v1/galleries/{gallery}/images/{image_id}/thumbnail"),
     ("DELETE", "/v1/galleries/{gallery}/images/{image_id}"),
     ("DELETE", "/v1/galleries/{gallery}"),
     ("POST", "/v1/galleries/{gallery}/query"),
