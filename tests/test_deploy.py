@@ -72,7 +72,7 @@ def test_dockerfile_installs_what_the_readme_installs():
     assert any(d.startswith("onnxruntime>") for d in optional["serve-cpu"])
 
 
-def test_the_bundled_model_ships_in_the_wheel(tmp_path):
+def test_the_bundled_model_and_the_console_ship_in_the_wheel(tmp_path):
     manifest = json.loads((ROOT / "service" / "default_model" / "manifest.json").read_text())
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
                              "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
@@ -84,3 +84,5 @@ def test_the_bundled_model_ships_in_the_wheel(tmp_path):
     for name in manifest["files"]:
         assert f"service/default_model/{name}" in names
     assert "service/default_model/MODEL_CARD.md" in names
+    for name in ("index.html", "console.js", "console.css"):
+        assert f"service/console/{name}" in names
