@@ -73,3 +73,12 @@ def test_library_packages_hold_no_command_line():
     offenders = [str(p.relative_to(ROOT)) for package in ("model", "training", "service")
                  for p in (ROOT / package).rglob("*.py") if "argparse" in p.read_text()]
     assert offenders == []
+
+
+def test_tests_mirror_the_packages():
+    # tests/<package>/ for each package's tests; only repository-wide checks at the top.
+    top = sorted(p.name for p in (ROOT / "tests").glob("test_*.py"))
+    assert top == ["test_deploy.py", "test_repo.py"]
+    for package in ("model", "training", "service", "bench"):
+        assert (ROOT / package).is_dir()
+        assert list((ROOT / "tests" / package).glob("test_*.py")), package

@@ -243,7 +243,7 @@ def test_plot_ranked_frames(tmp_path):
 
 
 def test_load_eval_data_market1501_keeps_distractors(tmp_path):
-    from tests.test_data_readers import make_market
+    from tests.training.test_data_readers import make_market
 
     data = load_eval_data(make_market(tmp_path), "market1501")
     assert (len(data.queries), len(data.gallery)) == (2, 5) and data.keep_pids == (0,)
@@ -254,7 +254,7 @@ def test_load_eval_data_market1501_keeps_distractors(tmp_path):
 
 
 def test_load_eval_data_cuhk03_protocols(tmp_path):
-    from tests.test_data_readers import make_cuhk03_mat
+    from tests.training.test_data_readers import make_cuhk03_mat
 
     make_cuhk03_mat(tmp_path / "cuhk-03.mat")
     data = load_eval_data(tmp_path, "cuhk03", cuhk03_protocol="official", cuhk03_testset=2)

@@ -7,7 +7,7 @@ The long run (issue 12: at least 10,000 generated requests) takes more examples 
 writes how many requests were made, and their status classes, to a JSON file:
 
     DSMI_FUZZ_EXAMPLES=400 DSMI_FUZZ_REPORT=fuzz.json .venv/bin/python -m pytest \
-        tests/test_service_fuzz.py -p no:cacheprovider
+        tests/service/test_fuzz.py -p no:cacheprovider
 """
 
 from __future__ import annotations

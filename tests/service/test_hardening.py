@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.store.base import LABEL_MAX, METADATA_MAX_DEPTH
+from tests.service.test_api import assert_error, make_client, upload
 from tests.service_support import delete_prefix, image_bytes, service_engine
-from tests.test_service_api import assert_error, make_client, upload
 
 
 @pytest.fixture(scope="module")
