@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -41,6 +40,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # python bench/engine_bench.py
     sys.path.insert(0, str(ROOT))
+
+from bench.common import machine_info, write_results  # noqa: E402
 
 GALLERY_SIZES = (100, 1_000, 10_000)
 HEAD_N = 1_000
@@ -65,34 +66,6 @@ def measure(fn: Callable[[], object], repeats: int, min_seconds: float) -> dict:
             "samples_s": samples}
 
 
-def machine_info() -> dict:
-    import onnxruntime as ort
-    import torch
-
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-        else os.cpu_count(),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "onnxruntime": ort.__version__,
-        "onnxruntime_available_providers": ort.get_available_providers(),
-        "numpy": np.__version__,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-    return info
 
 
 def gemm_rate(n: int, repeats: int) -> dict:
@@ -544,9 +517,7 @@ def main(argv=None) -> int:
     report["machine"]["load_average_end"] = (list(os.getloadavg())
                                              if hasattr(os, "getloadavg") else None)
     print_table(report)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {out_path}")
+    write_results(out_path, report)
     return 0
 
 

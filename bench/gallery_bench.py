@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import statistics
 import sys
@@ -51,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 from fastapi.testclient import TestClient  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from bench.engine_bench import machine_info  # noqa: E402
+from bench.common import machine_info, write_results  # noqa: E402
 from service.app import create_app, store_namespace  # noqa: E402
 from service.engine import MAPS_FIELD, Engine  # noqa: E402
 from service.matching import CameraFilter, encode_probe, rank_view  # noqa: E402
@@ -315,9 +314,7 @@ def main(argv=None) -> int:
         result["million"] = bench_million(engine, args, pool, probes)
     result["load_average_end"] = list(os.getloadavg())
     print_table(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, result)
     return 0
 
 

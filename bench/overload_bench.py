@@ -39,6 +39,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # python bench/overload_bench.py
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import write_results  # noqa: E402
+
 DATA = Path(os.environ.get("DSMI_DATA", ROOT.parent / "shared" / "data"))
 _STREAMED = {"DSMI_CACHE_MAX_BYTES": "0", "DSMI_RERANK": "0"}
 DESIGNS = {
@@ -207,11 +212,10 @@ def main(argv=None) -> int:
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(str(row[h]) for h in header) + " |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
+    write_results(args.out, {
         "clients": args.clients, "gallery": args.gallery, "seconds": args.seconds,
         "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-        "load_average": os.getloadavg(), "rows": rows}, indent=2))
+        "load_average": os.getloadavg(), "rows": rows})
     return 0
 
 

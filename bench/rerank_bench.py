@@ -33,7 +33,6 @@ machine and the command, and a figure (accuracy and latency against ``rerank``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -47,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # python bench/rerank_bench.py
     sys.path.insert(0, str(ROOT))
 
-from bench.engine_bench import machine_info  # noqa: E402
+from bench.common import machine_info, write_results  # noqa: E402
 from model.retrieval import l2_normalise, shortlist, two_stage_order  # noqa: E402
 
 # Labels in the service's terms: there, rerank=0 asks for exhaustive scoring, and no query
@@ -61,7 +60,7 @@ Rerank = int | None  # None: exhaustive
 
 
 # ---------------------------------------------------------------------------------------------
-# Ranking and accuracy (no engine: tests/test_rerank_bench.py runs these on synthetic data)
+# Ranking and accuracy (no engine: tests/bench/test_rerank_bench.py runs these on synthetic data)
 
 
 def parse_rerank(value: str | int | None) -> Rerank:
@@ -148,7 +147,7 @@ def evaluate_two_stage(stage_one: np.ndarray, stage_two: np.ndarray, rerank: Rer
     ``dsmi evaluate``), the two-stage distances computed within each drawn gallery, and each
     trial scored by :func:`training.evaluate.evaluate_distances` on that gallery (its
     ``all-gallery`` protocol on the drawn gallery is exactly one single-shot trial); the
-    trials are then averaged as ``single_shot`` averages them. ``tests/test_rerank_bench.py``
+    trials are then averaged as ``single_shot`` averages them. ``tests/bench/test_rerank_bench.py``
     checks that this matches ``evaluate_distances``' own single-shot figures where the
     ranking does not depend on the gallery (rerank 0 and exhaustive).
     """
@@ -612,9 +611,7 @@ def main(argv=None) -> int:
     if args.figure:
         plot(report, args.figure)
         print(f"wrote {args.figure}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out} (run time {report['run_time_s']:.0f} s)")
+    write_results(args.out, report, f" (run time {report['run_time_s']:.0f} s)")
     return 0
 
 

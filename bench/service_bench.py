@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import platform
 import shutil
@@ -36,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bench.common import write_results  # noqa: E402
 from service.app import create_app, store_namespace  # noqa: E402
 from service.engine import Engine  # noqa: E402
 from service.settings import DEFAULT_MODEL_DIR, Settings  # noqa: E402
@@ -193,9 +193,7 @@ def main(argv=None) -> int:
                     "load_average_before": load_before, "load_average_after": load_after},
         "results": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, result)
     return 0
 
 

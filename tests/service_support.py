@@ -25,6 +25,8 @@ import pytest
 from PIL import Image
 
 REDIS_URL = os.environ.get("DSMI_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# Small request limits, so that the limit tests need small payloads only.
+LIMITS = dict(max_image_bytes=300_000, max_upload_bytes=2_000_000, max_pixels=1_000_000)
 TEST_PREFIX = "dsmi-test-"
 
 
@@ -87,6 +89,23 @@ def delete_prefix(prefix: str) -> int:
         client.delete(*keys)
     client.close()
     return len(keys)
+
+
+def make_client(engine, store_kind: str, **settings):
+    """An app on ``engine`` with a store of ``store_kind`` ("memory", or "redis" on a prefix
+    of its own) and small limits -> (app, the Redis prefix to delete, or None)."""
+    from service.app import create_app, store_namespace
+    from service.settings import Settings
+    from service.store import RedisGalleryStore
+
+    store = None
+    prefix = None
+    if store_kind == "redis":
+        redis_client()  # skips without Redis
+        prefix = new_prefix()
+        store = RedisGalleryStore(REDIS_URL, namespace=store_namespace(engine), prefix=prefix)
+    app = create_app(Settings(**{**LIMITS, **settings}), engine=engine, store=store)
+    return app, prefix
 
 
 # -- images -----------------------------------------------------------------------------------

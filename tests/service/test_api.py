@@ -14,46 +14,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.app import create_app, store_namespace
+from service.app import create_app
 from service.settings import Settings
-from service.store import RedisGalleryStore
 from tests.conftest import ROOT
-from tests.service_support import (
-    REDIS_URL,
-    delete_prefix,
-    image_bytes,
-    new_prefix,
-    png_header_bomb,
-    redis_client,
-    service_engine,
-)
-
-LIMITS = dict(max_image_bytes=300_000, max_upload_bytes=2_000_000, max_pixels=1_000_000)
-
-
-@pytest.fixture(scope="module")
-def engine():
-    return service_engine()
-
-
-def make_client(engine, store_kind: str, **settings):
-    store = None
-    prefix = None
-    if store_kind == "redis":
-        redis_client()  # skips without Redis
-        prefix = new_prefix()
-        store = RedisGalleryStore(REDIS_URL, namespace=store_namespace(engine), prefix=prefix)
-    app = create_app(Settings(**{**LIMITS, **settings}), engine=engine, store=store)
-    return app, prefix
-
-
-@pytest.fixture(params=["memory", "redis"])
-def client(request, engine):
-    app, prefix = make_client(engine, request.param)
-    with TestClient(app) as c:
-        yield c
-    if prefix:
-        delete_prefix(prefix)
+from tests.service_support import image_bytes, make_client, png_header_bomb
 
 
 @pytest.fixture

@@ -12,22 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.store.base import LABEL_MAX, METADATA_MAX_DEPTH
-from tests.service.test_api import assert_error, make_client, upload
-from tests.service_support import delete_prefix, image_bytes, service_engine
-
-
-@pytest.fixture(scope="module")
-def engine():
-    return service_engine()
-
-
-@pytest.fixture(params=["memory", "redis"])
-def client(request, engine):
-    app, prefix = make_client(engine, request.param)
-    with TestClient(app) as c:
-        yield c
-    if prefix:
-        delete_prefix(prefix)
+from tests.service.test_api import assert_error, upload
+from tests.service_support import image_bytes, make_client
 
 
 def _nested(depth: int) -> str:
