@@ -225,6 +225,12 @@ def test_a_write_through_one_process_is_seen_by_the_next_query_of_another(two_ap
         assert body["results"][0]["image_id"] == more[1] and body["gallery_size"] == 15
         assert {x["image_id"] for x in body["results"]} == set(first + more)
 
+        # B's metrics say what its syncs did.
+        text = b.get("/metrics").text
+        for outcome in ("reloaded", "replayed"):  # the first query loaded, the second replayed
+            assert f'dsmi_gallery_cache_syncs_total{{outcome="{outcome}"}}' in text, outcome
+        assert "dsmi_gallery_cache_bytes" in text
+
         # Delete through A: B stops returning it at once.
         assert a.delete(f"/v1/galleries/g/images/{more[1]}").status_code == 200
         body = _query(b, 501)
