@@ -257,13 +257,17 @@ class ResidentGallery:
 
     def _reload(self, store: GalleryStore) -> int:
         """Load the whole gallery; the generation read first, so that replaying from it
-        afterwards catches every write the scan may have missed (replays are idempotent)."""
-        self.generation = store.generation(self.name)
+        afterwards catches every write the scan may have missed (replays are idempotent).
+        A scan that fails half-way (the store went away) leaves this copy unloaded: the next
+        sync loads it again rather than replaying onto a partial copy."""
+        self.loaded = False
+        self.generation = Generation("", 0)
+        start = store.generation(self.name)
         self._reset(0)
         skipped = 0
         for chunk in store.iter_chunks(self.name, self.fields, _RELOAD_CHUNK):
             skipped += self._add_entries(chunk)
-        self.loaded = True
+        self.generation, self.loaded = start, True
         return skipped
 
     def view(self) -> GalleryView:

@@ -19,6 +19,7 @@ from service.store import (
     MemoryGalleryStore,
     NewItem,
     RedisGalleryStore,
+    StoreUnavailable,
     new_image_id,
 )
 from service.store.codec import TensorCodec
@@ -99,6 +100,29 @@ def test_replay_applies_changes_in_order():
     assert fetched == [readd[0].item.image_id]
     assert live_ids(resident.view())[-1] == readd[0].item.image_id
     assert resident.view().size == 2
+
+
+def test_a_load_cut_short_by_the_store_is_done_again_not_replayed_onto():
+    store = MemoryGalleryStore()
+    store.add_items("g", items(10))
+    resident = ResidentGallery("g", CODEC, "embedding")
+    resident.sync(store)
+    store.delete_gallery("g")  # another epoch: the next sync must reload
+    added = items(2500, seed=1)  # three scan chunks
+    store.add_items("g", added)
+    scan = store.iter_chunks
+
+    def failing(gallery, fields, size):
+        chunks = scan(gallery, fields, size)
+        yield next(chunks)
+        raise StoreUnavailable("the store went away mid-scan")
+
+    store.iter_chunks = failing
+    with pytest.raises(StoreUnavailable):
+        resident.sync(store)
+    store.iter_chunks = scan
+    assert resident.sync(store).outcome == "reloaded"
+    assert live_ids(resident.view()) == [x.item.image_id for x in added]
 
 
 def test_removed_rows_are_compacted_away():
