@@ -5,7 +5,7 @@ The network is split where caching pays (see ``model/export.py``):
 
 - ``encode``: images -> conv5 maps (the trunk, once per image);
 - ``prepare_gallery`` / ``prepare_probe``: conv5 maps -> the per-image tensors the head needs
-  (the gallery side is what the service caches, through ``to_bytes`` / ``from_bytes``);
+  (the gallery side is what the service caches, in the bytes of ``engine.codec``);
 - ``score``: one probe against any number of gallery items, streamed in batches of at most
   ``batch_size`` items, so memory stays bounded whatever the gallery size.
 
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 # Kept in step with model/export.py (which imports torch, so it is not imported here).
 PROVIDERS_ENV = "DSMI_PROVIDERS"
-MAPS_FIELD = "maps"  # the conv5 map, storable through to_bytes / from_bytes like a field
+MAPS_FIELD = "maps"  # the conv5 map, storable through engine.codec like a field
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -369,7 +369,7 @@ class Engine:
         """One probe (``prepare_probe``'s output) against gallery items -> similarities
         ``(N,)`` float32, in gallery order.
 
-        ``gallery_batches``: an iterable of batch dicts (``prepare_gallery`` or ``from_bytes``
+        ``gallery_batches``: an iterable of batch dicts (``prepare_gallery`` or ``codec.decode``
         output, float32 or float16), consumed lazily; one dict is taken as one batch. Each
         batch is scored in chunks of at most ``batch_size`` items, so working memory depends
         on ``batch_size``, not on the gallery size (plus 4 bytes of result per item).
