@@ -126,7 +126,7 @@ class Engine:
     ``spin_wait``: whether ONNX Runtime's threads busy-wait for work between runs. Off by
     default: in a server, the spinning threads hold the cores that the next step needs (stage
     one's matrix product after a head call took 4.8 ms instead of 0.3 ms with it on; the
-    head's own throughput differs by under 10%, bench/rerank_bench.py, docs/inference.md).
+    head loses 3-12% of its throughput, docs/inference.md).
     """
 
     def __init__(self, model_dir: str | Path, providers: Sequence[str] | None = None,
