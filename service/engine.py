@@ -125,8 +125,8 @@ class Engine:
     ``intra_op_threads``: ONNX Runtime's thread count (default: its own choice).
     ``spin_wait``: whether ONNX Runtime's threads busy-wait for work between runs. Off by
     default: in a server, the spinning threads hold the cores that the next step needs (stage
-    one's matrix product after a head call took 4.8 ms instead of 0.3 ms with it on; the
-    head loses 3-12% of its throughput, docs/inference.md).
+    one's matrix product after a head call took 4.8 ms with spinning, 0.3 ms without; without
+    it the head loses 3-12% of its throughput, docs/inference.md).
     """
 
     def __init__(self, model_dir: str | Path, providers: Sequence[str] | None = None,
