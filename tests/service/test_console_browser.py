@@ -197,3 +197,34 @@ def test_the_api_docs_render_offline(server, browser):
     paths = wait_for(lambda: [e.text for e in browser.find_elements(
         By.CSS_SELECTOR, ".opblock-summary-path")], what="the route list")
     assert "/v1/galleries/{gallery}/query" in {p.replace("\u200b", "") for p in paths}
+
+
+def test_images_dropped_on_the_page_are_listed_with_ids_from_their_names(server, browser):
+    from selenium.webdriver.common.by import By
+
+    browser.get(server.url + "/")
+    browser.find_element(By.CSS_SELECTOR, '[data-testid="new-gallery-name"]').send_keys("drop")
+    browser.find_element(By.CSS_SELECTOR, '[data-testid="create-gallery"]').click()
+    # A real drop event carrying two PNG files drawn in the page (the browser cannot be made
+    # to drag files from disk headless) and a text file, which the console leaves out.
+    browser.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        const canvas = document.createElement("canvas");
+        canvas.width = 32; canvas.height = 64;
+        canvas.getContext("2d").fillRect(0, 0, 16, 32);
+        canvas.toBlob((blob) => {
+          const dt = new DataTransfer();
+          dt.items.add(new File([blob], "0042_c3_a.png", {type: "image/png"}));
+          dt.items.add(new File([blob], "0043_x.png", {type: "image/png"}));
+          dt.items.add(new File(["not an image"], "notes.txt", {type: "text/plain"}));
+          const zone = document.querySelector('[data-testid="upload-drop"]');
+          zone.dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true,
+                                                    cancelable: true}));
+          done();
+        }, "image/png");
+    """)
+    rows = browser.find_elements(By.CSS_SELECTOR, '[data-testid="upload-table"] tbody tr')
+    ids = [[r.find_element(By.CSS_SELECTOR, f'input[data-field="{f}"]').get_attribute("value")
+            for f in ("person", "camera")] for r in rows]
+    assert ids == [["0042", "3"], ["0043", "1"]]  # camera from "c3", else the default 1
+    assert browser.find_element(By.CSS_SELECTOR, '[data-testid="upload"]').is_enabled()
