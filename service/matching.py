@@ -196,7 +196,8 @@ def rank_gallery(engine: Engine, store: GalleryStore, gallery: str,
     (:func:`rank_streamed`, exhaustive)."""
     if cache is not None:
         t0 = time.perf_counter()
-        view, report = cache.view(store, gallery, size_hint)
+        view, report = cache.view(store, gallery, size_hint,
+                                  placer=engine if engine.places_galleries else None)
         metrics.cache_syncs.labels(report.outcome).inc()
         metrics.resident_bytes.set(cache.nbytes)
         if report.skipped:
@@ -238,7 +239,15 @@ def rank_view(engine: Engine, view: GalleryView, probe: dict[str, np.ndarray], t
         shortlist_s = time.perf_counter() - t0
     else:
         rows = candidates
-    scores = _head_scores(engine, view, probe, rows, metrics)
+    if view.placed is not None and len(rows) == len(candidates):
+        # Exhaustive on a placed gallery: every row scored where it lies (removed and
+        # filtered rows too, dropped after), no copy per call.
+        t0 = time.perf_counter()
+        scores = engine.score_placed(probe, view.placed)[rows]
+        metrics.score_batch.observe(time.perf_counter() - t0)
+        metrics.pairs_scored.inc(len(view.alive))
+    else:
+        scores = _head_scores(engine, view, probe, rows, metrics)
     # A NaN similarity (a degenerate cached entry) ranks last, as the worst cosine.
     scores = np.where(np.isnan(scores), np.float32(-1.0), scores)
     best = shortlist(scores, top_k)

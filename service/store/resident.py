@@ -28,6 +28,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -36,7 +37,8 @@ from model.retrieval import l2_normalise
 from .base import Chunk, GalleryItem, GalleryStore, Generation
 from .codec import TensorCodec, decode_entries
 
-__all__ = ["GalleryView", "ResidentGallery", "ResidentCache", "SyncReport", "ITEM_OVERHEAD"]
+__all__ = ["GalleryView", "ResidentGallery", "ResidentCache", "SyncReport", "Placer",
+           "ITEM_OVERHEAD"]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,8 @@ class GalleryView:
     Rows ``0 .. n-1``: ``items[i]`` (``None`` for a removed row), ``arrays[field]`` ``(n,
     *shape)`` in the cache dtype, ``unit_embedding`` ``(n, D)`` float32 of unit rows (``None``
     without an embedding field), ``alive`` ``(n,)`` bool, ``camera`` ``(n,)`` int32 codes of
-    ``camera_codes``.
+    ``camera_codes``; ``placed``: the rows placed where the head runs, in chunks (a
+    :class:`Placer`'s output), or ``None``.
     """
 
     generation: Generation
@@ -66,6 +69,7 @@ class GalleryView:
     alive: np.ndarray
     camera: np.ndarray
     camera_codes: dict[str, int]
+    placed: list | None = None
 
     @property
     def size(self) -> int:
@@ -83,6 +87,14 @@ class GalleryView:
         if codes:
             mask &= ~np.isin(self.camera, codes)
         return mask
+
+
+class Placer(Protocol):
+    """Places gallery rows where the head runs (:meth:`service.engine.Engine.place`)."""
+
+    chunk_rows: int
+
+    def place(self, arrays: dict[str, np.ndarray], start: int, stop: int) -> list: ...
 
 
 @dataclass
@@ -124,6 +136,12 @@ class ResidentGallery:
         self._alive_shared = False  # a view holds rows of _alive: copy before clearing one
         self._camera = np.zeros(capacity, np.int32)
         self._camera_codes: dict[str, int] = {}
+        self._drop_placed()
+
+    def _drop_placed(self) -> None:
+        """Forget the placed rows: the arrays were replaced (grown, compacted, reset)."""
+        self._placed: list = []
+        self._placed_rows = 0
 
     @property
     def capacity(self) -> int:
@@ -163,6 +181,7 @@ class ResidentGallery:
         self._unit = grown(self._unit) if self._unit is not None else None
         self._alive, self._camera = grown(self._alive), grown(self._camera)
         self._alive_shared = False
+        self._drop_placed()
 
     def append(self, items: list[GalleryItem], batch: dict[str, np.ndarray]) -> None:
         """Add items with their decoded tensors (``batch[field]`` ``(len(items), *shape)``,
@@ -203,6 +222,7 @@ class ResidentGallery:
         self._unit = self._unit[keep] if self._unit is not None else None
         self._alive, self._camera = self._alive[keep], self._camera[keep]
         self._alive_shared = False
+        self._drop_placed()
         self._items = [self._items[k] for k in keep]
         self._row = {item.image_id: k for k, item in enumerate(self._items)}
         self._n = len(keep)
@@ -271,15 +291,25 @@ class ResidentGallery:
         self.generation, self.loaded = start, True
         return skipped
 
-    def view(self) -> GalleryView:
+    def view(self, placer: Placer | None = None) -> GalleryView:
+        """A snapshot of the gallery; with ``placer``, its rows placed where the head runs
+        too (only the rows added since the last placement, from their chunk on)."""
         n = self._n
         self._alive_shared = True
+        placed = None
+        if placer is not None:
+            if self._placed_rows < n:
+                first = self._placed_rows // placer.chunk_rows
+                self._placed = self._placed[:first] + placer.place(
+                    self._arrays, first * placer.chunk_rows, n)
+                self._placed_rows = n
+            placed = list(self._placed)
         return GalleryView(
             generation=self.generation, items=self._items[:n],
             arrays={f: a[:n] for f, a in self._arrays.items()},
             unit_embedding=self._unit[:n] if self._unit is not None else None,
             alive=self._alive[:n], camera=self._camera[:n],
-            camera_codes=dict(self._camera_codes))
+            camera_codes=dict(self._camera_codes), placed=placed)
 
 
 class ResidentCache:
@@ -305,11 +335,12 @@ class ResidentCache:
         with self._lock:
             return sum(g.nbytes for g in self._galleries.values())
 
-    def view(self, store: GalleryStore, gallery: str, size_hint: int | None = None
-             ) -> tuple[GalleryView | None, SyncReport]:
+    def view(self, store: GalleryStore, gallery: str, size_hint: int | None = None,
+             placer: Placer | None = None) -> tuple[GalleryView | None, SyncReport]:
         """The gallery brought up to date, or ``None`` when it does not fit the budget (the
         caller streams it from the store). ``size_hint``: the gallery's size if known, so
-        that a gallery too large is refused before it is loaded."""
+        that a gallery too large is refused before it is loaded; ``placer``: see
+        :meth:`ResidentGallery.view` (device memory is not counted in ``max_bytes``)."""
         with self._lock:
             resident = self._galleries.get(gallery)
             if resident is None:
@@ -320,7 +351,7 @@ class ResidentCache:
             self._galleries.move_to_end(gallery)
         with resident.lock:
             report = resident.sync(store)
-            view = resident.view()
+            view = resident.view(placer)
             too_big = resident.nbytes > self.max_bytes
         if too_big:
             self.drop(gallery)

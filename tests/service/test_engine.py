@@ -369,3 +369,28 @@ def test_float16_cache_keeps_the_top10_on_real_images(tmp_path, cuhk03_val):
     # the bound leaves a margin of 20.
     assert np.abs(s16 - s32).max() < 5e-4
     assert list(np.argsort(-s16)[:10]) == list(np.argsort(-s32)[:10])
+
+
+def test_placed_chunks_score_exactly_like_host_batches():
+    from service.engine import Engine
+    from tests.service_support import exported_model_dir
+
+    engine = Engine(exported_model_dir(), providers=["CPUExecutionProvider"], batch_size=16)
+    assert not engine.places_galleries  # on the CPU only when asked
+    rng = np.random.default_rng(3)
+    gallery = engine.prepare_gallery(np.maximum(rng.normal(size=(45, *engine.map_shape)), 0)
+                                     .astype(np.float32))
+    probe = engine.prepare_probe(np.maximum(rng.normal(size=(1, *engine.map_shape)), 0)
+                                 .astype(np.float32))
+    expected = engine.score(probe, gallery)
+    whole = engine.place(gallery, 0, 45)
+    assert [c["embedding"].shape()[0] for c in whole] == [16, 16, 13]
+    np.testing.assert_array_equal(engine.score_placed(probe, whole), expected)
+    pieces = engine.place(gallery, 0, 32) + engine.place(gallery, 32, 45)
+    np.testing.assert_array_equal(engine.score_placed(probe, pieces), expected)
+    half = {f: a.astype(np.float16) for f, a in gallery.items()}  # a float16 cache
+    np.testing.assert_allclose(engine.score_placed(probe, engine.place(half, 0, 45)),
+                               engine.score(probe, half), atol=1e-6)
+    with pytest.raises(ValueError, match="multiple"):
+        engine.place(gallery, 5, 45)
+    assert engine.score_placed(probe, []).shape == (0,)

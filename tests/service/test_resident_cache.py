@@ -287,3 +287,56 @@ def test_a_write_through_one_process_is_seen_by_the_next_query_of_another(two_ap
         fresh = _upload(a, 2, seed=900)
         body = _query(b, 900)
         assert {x["image_id"] for x in body["results"]} == set(fresh)
+
+
+# -- placed galleries (device-resident under CUDA; exercised here on the CPU) ----------------
+
+def test_placed_galleries_are_placed_once_and_rank_like_the_host_path():
+    from service.engine import Engine
+    from tests.service_support import exported_model_dir
+
+    engine = Engine(exported_model_dir(), providers=["CPUExecutionProvider"], batch_size=16,
+                    place_galleries=True)
+    assert engine.places_galleries and engine.device == "cpu"
+    rng = np.random.default_rng(1)
+    prepared = engine.prepare_gallery(np.maximum(rng.normal(size=(70, *engine.map_shape)), 0)
+                                      .astype(np.float32))
+    store = MemoryGalleryStore()
+    added = [NewItem(GalleryItem(new_image_id(), f"p{k}", str(k % 2)),
+                     engine.codec.encode({f: a[k] for f, a in prepared.items()}))
+             for k in range(70)]
+    store.add_items("g", added[:40])
+    placed_rows = []
+    place = engine.place
+
+    def counting(arrays, start, stop):
+        placed_rows.append((start, stop))
+        return place(arrays, start, stop)
+
+    engine.place = counting
+    cache = ResidentCache(engine.codec, 1 << 30, "embedding")
+    view, _ = cache.view(store, "g", placer=engine)
+    assert placed_rows == [(0, 40)] and len(view.placed) == 3  # chunks of 16
+    store.add_items("g", added[40:60])
+    store.delete_item("g", added[3].item.image_id)
+    view, _ = cache.view(store, "g", placer=engine)
+    # Within the arrays' capacity (64 rows): only from the last partial chunk on.
+    assert placed_rows[-1] == (32, 60)
+    store.add_items("g", added[60:])
+    view, _ = cache.view(store, "g", placer=engine)
+    assert placed_rows[-1] == (0, 70)  # the arrays grew (new arrays): placed again
+    view, _ = cache.view(store, "g", placer=engine)
+    assert len(placed_rows) == 3  # nothing changed, nothing placed
+    probe = engine.prepare_probe(np.maximum(rng.normal(size=(1, *engine.map_shape)), 0)
+                                 .astype(np.float32))
+    metrics = ServiceMetrics()
+    host = dict(view.__dict__, placed=None)
+    host_view = type(view)(**host)
+    for cameras in (CameraFilter(), CameraFilter.of(["1"])):
+        on_device = rank_view(engine, view, probe, 20, cameras, 0, metrics)
+        on_host = rank_view(engine, host_view, probe, 20, cameras, 0, metrics)
+        assert [i.image_id for i, _ in on_device.ranked] == [i.image_id for i, _ in
+                                                             on_host.ranked]
+        np.testing.assert_allclose([s for _, s in on_device.ranked],
+                                   [s for _, s in on_host.ranked], atol=1e-6)
+        assert added[3].item.image_id not in {i.image_id for i, _ in on_device.ranked}
