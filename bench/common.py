@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["machine_info", "write_results"]
+__all__ = ["machine_info", "write_results", "tile_gallery"]
 
 
 def machine_info() -> dict:
@@ -52,3 +52,18 @@ def write_results(path: Path, result: dict, note: str = "") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}{note}")
+
+
+def tile_gallery(gallery: dict, n: int, seed: int = 0, noise: float = 0.01) -> dict:
+    """``n`` gallery items from the prepared ``gallery`` (tiled), each field plus Gaussian
+    noise of ``noise`` x its standard deviation, so that the copies are distinct items
+    (equal copies would tie, and ties are not what a real gallery looks like)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for f, v in gallery.items():
+        v = np.asarray(v, dtype=np.float32)
+        reps = -(-n // len(v))
+        tiled = np.concatenate([v] * reps)[:n]
+        jitter = rng.standard_normal(tiled.shape, dtype=np.float32) * (noise * float(v.std()))
+        out[f] = np.ascontiguousarray(tiled + jitter)
+    return out

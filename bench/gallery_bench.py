@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 from fastapi.testclient import TestClient  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from bench.common import machine_info, write_results  # noqa: E402
+from bench.common import machine_info, tile_gallery, write_results  # noqa: E402
 from service.app import create_app, store_namespace  # noqa: E402
 from service.engine import MAPS_FIELD, Engine  # noqa: E402
 from service.matching import CameraFilter, encode_probe, rank_view  # noqa: E402
@@ -115,24 +115,17 @@ def real_pool(engine: Engine, count: int) -> tuple[dict[str, np.ndarray], np.nda
     return engine.prepare_gallery(maps), maps, [(p, c) for _, p, c in images]
 
 
-def noisy_item(engine: Engine, pool: dict[str, np.ndarray], k: int,
-               rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Pool item ``k % len``, its cached fields moved by 1% of their spread: every gallery
-    item differs, and stays as far from the others as real crops of one person are."""
-    src = k % len(next(iter(pool.values())))
-    return {f: a[src] + 0.01 * a[src].std() * rng.standard_normal(a.shape[1:]).astype(
-        a.dtype) for f, a in pool.items()}
-
-
 def fill_redis(engine: Engine, store: RedisGalleryStore, gallery: str, size: int, pool,
                maps: np.ndarray, labels) -> None:
-    rng = np.random.default_rng(size)
     map_bytes = [engine.codec.encode({MAPS_FIELD: m})[MAPS_FIELD] for m in maps]
     with tqdm(total=size, desc=f"write {size:,} items to Redis", unit="item") as bar:
         for start in range(0, size, WRITE_CHUNK):
+            rows = np.arange(start, min(size, start + WRITE_CHUNK))
+            tensors = tile_gallery({f: a[rows % len(maps)] for f, a in pool.items()},
+                                   len(rows), seed=start)
             batch = []
-            for k in range(start, min(size, start + WRITE_CHUNK)):
-                blobs = engine.codec.encode(noisy_item(engine, pool, k, rng))
+            for j, k in enumerate(rows):
+                blobs = engine.codec.encode({f: a[j] for f, a in tensors.items()})
                 blobs[MAPS_FIELD] = map_bytes[k % len(map_bytes)]
                 person, camera = labels[k % len(labels)]
                 batch.append(NewItem(GalleryItem(new_image_id(), person, camera,

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # python bench/rerank_bench.py
     sys.path.insert(0, str(ROOT))
 
-from bench.common import machine_info, write_results  # noqa: E402
+from bench.common import machine_info, tile_gallery, write_results  # noqa: E402
 from model.retrieval import l2_normalise, shortlist, two_stage_order  # noqa: E402
 
 # Labels in the service's terms: there, rerank=0 asks for exhaustive scoring, and no query
@@ -231,21 +231,6 @@ def pair_matrix(engine, probes: dict, gallery: dict) -> np.ndarray:
     """``(Q, G)`` pair-head similarities, one ``Engine.score`` call per query."""
     num_q = len(probes["embedding"])
     return np.stack([engine.score(one_probe(probes, q), gallery) for q in range(num_q)])
-
-
-def tile_gallery(gallery: dict, n: int, seed: int = 0, noise: float = 0.01) -> dict:
-    """``n`` gallery items from the prepared ``gallery`` (tiled), each field plus Gaussian
-    noise of ``noise`` x its standard deviation, so that the copies are distinct items
-    (equal copies would tie, and ties are not what a real gallery looks like)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for f, v in gallery.items():
-        v = np.asarray(v, dtype=np.float32)
-        reps = -(-n // len(v))
-        tiled = np.concatenate([v] * reps)[:n]
-        jitter = rng.standard_normal(tiled.shape, dtype=np.float32) * (noise * float(v.std()))
-        out[f] = np.ascontiguousarray(tiled + jitter)
-    return out
 
 
 def timed_query(engine, probe: dict, gallery: dict, unit_embeddings: np.ndarray,

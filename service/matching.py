@@ -116,6 +116,12 @@ def encode_probe(engine: Engine, tensor: np.ndarray) -> dict[str, np.ndarray]:
     return engine.prepare_probe(engine.encode(tensor[None], stream="a"))
 
 
+def _nan_as_worst(scores: np.ndarray) -> np.ndarray:
+    """A NaN similarity (a degenerate cached entry) becomes -1, the worst cosine: it ranks
+    last and the answer stays valid JSON."""
+    return np.where(np.isnan(scores), scores.dtype.type(-1.0), scores)
+
+
 class RunningTopK:
     """The best ``k`` of a stream of scored items, without keeping the stream.
 
@@ -133,8 +139,7 @@ class RunningTopK:
         scores = np.asarray(scores, dtype=np.float64).reshape(-1)
         if len(scores) != len(items):
             raise ValueError(f"{len(scores)} scores for {len(items)} items")
-        # A NaN similarity (a degenerate cached entry) ranks last, as the worst cosine.
-        scores = np.where(np.isnan(scores), -1.0, scores)
+        scores = _nan_as_worst(scores)
         order = np.arange(self._seen, self._seen + len(items))
         self._seen += len(items)
         all_scores = np.concatenate([self._scores, scores])
@@ -199,7 +204,8 @@ def rank_gallery(engine: Engine, store: GalleryStore, gallery: str,
         view, report = cache.view(store, gallery, size_hint,
                                   placer=engine if engine.places_galleries else None)
         metrics.cache_syncs.labels(report.outcome).inc()
-        metrics.resident_bytes.set(cache.nbytes)
+        if report.outcome != "fresh":  # nothing loaded, replayed or evicted otherwise
+            metrics.resident_bytes.set(cache.nbytes)
         if report.skipped:
             metrics.items_skipped.inc(report.skipped)
         if view is not None:
@@ -248,8 +254,7 @@ def rank_view(engine: Engine, view: GalleryView, probe: dict[str, np.ndarray], t
         metrics.pairs_scored.inc(len(view.alive))
     else:
         scores = _head_scores(engine, view, probe, rows, metrics)
-    # A NaN similarity (a degenerate cached entry) ranks last, as the worst cosine.
-    scores = np.where(np.isnan(scores), np.float32(-1.0), scores)
+    scores = _nan_as_worst(scores)
     best = shortlist(scores, top_k)
     ranked = [(view.items[rows[i]], float(scores[i])) for i in best]
     return QueryOutcome(ranked, scored=len(candidates), fetch_s=0.0,

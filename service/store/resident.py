@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -104,7 +103,6 @@ class SyncReport:
     outcome: str
     changes: int = 0
     skipped: int = 0
-    seconds: float = 0.0
 
 
 class ResidentGallery:
@@ -146,10 +144,6 @@ class ResidentGallery:
     @property
     def capacity(self) -> int:
         return len(self._alive)
-
-    @property
-    def size(self) -> int:
-        return len(self._row)
 
     @property
     def nbytes(self) -> int:
@@ -237,7 +231,6 @@ class ResidentGallery:
 
     def sync(self, store: GalleryStore) -> SyncReport:
         """Bring this copy to the store's generation (call under ``lock``)."""
-        start = time.perf_counter()
         report = SyncReport("fresh")
         reloads = 0
         while True:
@@ -257,7 +250,6 @@ class ResidentGallery:
             report.outcome = "reloaded"
             report.skipped += self._reload(store)
         self._compact()
-        report.seconds = time.perf_counter() - start
         return report
 
     def _replay(self, store: GalleryStore, changes) -> int:
@@ -355,7 +347,7 @@ class ResidentCache:
             too_big = resident.nbytes > self.max_bytes
         if too_big:
             self.drop(gallery)
-            return None, SyncReport("bypassed", seconds=report.seconds)
+            return None, SyncReport("bypassed")
         self._evict(keep=gallery)
         return view, report
 

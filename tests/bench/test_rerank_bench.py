@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.common import tile_gallery
 from bench.rerank_bench import (
     add_deltas,
     check_fast_path,
@@ -14,7 +15,6 @@ from bench.rerank_bench import (
     parse_rerank,
     recommend,
     sort_reranks,
-    tile_gallery,
     timed_query,
     two_stage_distances,
 )
