@@ -5,11 +5,21 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
+import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["machine_info", "write_results", "tile_gallery"]
+__all__ = ["machine_info", "write_results", "tile_gallery", "before_model_dir",
+           "BEFORE_COMMIT"]
+
+ROOT = Path(__file__).resolve().parents[1]
+# The last commit whose bundled model has the channels-first head (one chunk at a time): the
+# service as issue 11 measured it. Its head scores what today's does (max |difference| 2.4e-7
+# on 200 CUHK03 images, scripts/rebuild_head.py), more slowly.
+BEFORE_COMMIT = "da2961c"
 
 
 def machine_info() -> dict:
@@ -67,3 +77,26 @@ def tile_gallery(gallery: dict, n: int, seed: int = 0, noise: float = 0.01) -> d
         jitter = rng.standard_normal(tiled.shape, dtype=np.float32) * (noise * float(v.std()))
         out[f] = np.ascontiguousarray(tiled + jitter)
     return out
+
+
+def before_model_dir(path: Path | None = None) -> Path:
+    """The bundled model folder as of :data:`BEFORE_COMMIT` (the "before" design of the
+    benchmarks), taken out of this checkout's git history into a temporary folder, or
+    ``path`` when given. Exits with a message when neither works."""
+    if path is not None:
+        return Path(path)
+    target = Path(tempfile.mkdtemp(prefix="dsmi-before-model-"))
+    try:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", BEFORE_COMMIT,
+                                  "service/default_model"], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", b"") or str(exc).encode()
+        raise SystemExit(f"cannot take the model of commit {BEFORE_COMMIT} out of git "
+                         f"({detail.decode(errors='replace').strip()}); pass "
+                         "--before-model-dir with that folder, or skip the design") from exc
+    with tempfile.TemporaryFile() as fh:
+        fh.write(archive.stdout)
+        fh.seek(0)
+        with tarfile.open(fileobj=fh) as tar:
+            tar.extractall(target, filter="data")
+    return target / "service" / "default_model"

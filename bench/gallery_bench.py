@@ -12,8 +12,12 @@ TestClient: multipart encoding and parsing included, no network), as in service_
 - ``two-stage``: the service's default (resident gallery, embedding shortlist, the pair head
   re-scores ``--rerank`` items, default: the service's DSMI_RERANK);
 - ``exhaustive``: resident gallery, the pair head scores every item (``rerank=0``);
-- ``streamed``: today's design before the resident cache (DSMI_CACHE_MAX_BYTES=0): every query
-  streams the gallery out of Redis and scores every item.
+- ``streamed``: no resident cache (DSMI_CACHE_MAX_BYTES=0): every query streams the gallery
+  out of Redis and scores every item;
+- ``before``: the service as issue 11 measured it: streamed, with the bundled model's
+  channels-first head of commit ``bench.common.BEFORE_COMMIT`` (taken out of git, or
+  ``--before-model-dir``), one head chunk at a time on ONNX Runtime's spinning threads.
+  Same weights, same scores.
 
 Reported per size: p50/p95 of each design, the first query's load time (the gallery read from
 Redis into the process), a write's replay time (one image uploaded through the route, then the
@@ -50,7 +54,13 @@ sys.path.insert(0, str(ROOT))
 from fastapi.testclient import TestClient  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from bench.common import machine_info, tile_gallery, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    BEFORE_COMMIT,
+    before_model_dir,
+    machine_info,
+    tile_gallery,
+    write_results,
+)
 from service.app import create_app, store_namespace  # noqa: E402
 from service.engine import MAPS_FIELD, Engine  # noqa: E402
 from service.matching import CameraFilter, encode_probe, rank_view  # noqa: E402
@@ -83,6 +93,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--million-dtype", choices=("float16", "float32"), default="float16")
     p.add_argument("--million-queries", type=int, default=20)
     p.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    p.add_argument("--before-model-dir", type=Path, default=None,
+                   help="model folder of the 'before' design (default: the bundled model of "
+                        "commit BEFORE_COMMIT, from git)")
+    p.add_argument("--no-before", action="store_true", help="skip the 'before' design")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gallery.json")
     return p.parse_args(argv)
@@ -160,7 +174,8 @@ def summary(wall: list[float], bodies: list[dict]) -> dict:
             "resident": bodies[0]["resident"], "rescored": bodies[0]["rescored"]}
 
 
-def bench_size(engine: Engine, args, size: int, pool, maps, labels, probes) -> dict:
+def bench_size(engine: Engine, args, size: int, pool, maps, labels, probes,
+               before: Engine | None) -> dict:
     import redis
 
     prefix = f"dsmi-bench-{uuid.uuid4().hex[:12]}:"
@@ -206,6 +221,12 @@ def bench_size(engine: Engine, args, size: int, pool, maps, labels, probes) -> d
             with TestClient(streamed_app) as c:
                 row["streamed"] = summary(*timed_queries(
                     c, probes, args.exhaustive_queries, 1, top_k=args.top_k, rerank=0))
+            if before is not None:
+                before_app = create_app(Settings(**cached, cache_max_bytes=0), engine=before,
+                                        store=store)
+                with TestClient(before_app) as c:
+                    row["before"] = summary(*timed_queries(
+                        c, probes, args.exhaustive_queries, 1, top_k=args.top_k, rerank=0))
     finally:
         store.clear()
         store.close()
@@ -263,7 +284,7 @@ def print_table(result: dict) -> None:
     print(f"{'gallery':>9} {'design':>11} {'rerank':>7} {'p50 ms':>9} {'p95 ms':>9} "
           f"{'fetch':>8} {'score':>8}  notes")
     for r in result["redis"]:
-        for design in ("two_stage", "exhaustive", "streamed"):
+        for design in ("two_stage", "exhaustive", "streamed", "before"):
             d = r.get(design)
             if d is None:
                 continue
@@ -274,8 +295,10 @@ def print_table(result: dict) -> None:
                 process_kib = r["process_bytes_per_item"] / 1024
                 note = (f"load {r['load_s']:.1f} s; after a write {after:.0f} ms; Redis "
                         f"{redis_kib:.1f} KiB/item, process {process_kib:.1f} KiB/item")
-            elif design == "exhaustive" and "streamed" in r:
-                note = f"{r['streamed']['p50_ms'] / d['p50_ms']:.1f}x faster than streamed"
+            elif design == "exhaustive" and "before" in r:
+                note = f"{r['before']['p50_ms'] / d['p50_ms']:.1f}x faster than before"
+            elif design == "streamed" and "before" in r:
+                note = f"{r['before']['p50_ms'] / d['p50_ms']:.1f}x faster than before"
             print(f"{r['gallery_size']:>9,} {design:>11} {d['rescored']:>7} {d['p50_ms']:>9.1f} "
                   f"{d['p95_ms']:>9.1f} {d['mean_fetch_ms']:>8.1f} {d['mean_score_ms']:>8.1f}"
                   f"  {note}")
@@ -292,6 +315,14 @@ def print_table(result: dict) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     engine = Engine(args.model_dir, providers=["cpu"])
+    before = None
+    if not args.no_before:
+        # As the service ran then: one head chunk at a time, ONNX Runtime's threads spinning.
+        before = Engine(before_model_dir(args.before_model_dir), providers=["cpu"],
+                        head_threads=1, spin_wait=True)
+        if before.model_id != engine.model_id:
+            raise SystemExit(f"the 'before' model ({before.model_id}) is not this model "
+                             f"({engine.model_id}): pass --before-model-dir or --no-before")
     machine = machine_info()
     pool, maps, labels = real_pool(engine, args.real)
     probes = [data for data, _, _ in real_images(50, "val")]
@@ -300,9 +331,13 @@ def main(argv=None) -> int:
               "model": {"variant": engine.variant, "model_id": engine.model_id,
                         "providers": engine.providers, "cache_dtype": engine.cache_dtype},
               "top_k": args.top_k, "real_images": len(labels), "machine": machine,
+              "head_threads": engine.head_threads,
+              "before": None if before is None else {"commit": BEFORE_COMMIT,
+                                                     "model_dir": str(before.model_dir)},
               "redis": []}
     for size in args.sizes:
-        result["redis"].append(bench_size(engine, args, size, pool, maps, labels, probes))
+        result["redis"].append(bench_size(engine, args, size, pool, maps, labels, probes,
+                                          before))
     if args.million:
         result["million"] = bench_million(engine, args, pool, probes)
     result["load_average_end"] = list(os.getloadavg())

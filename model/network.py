@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fusion import Fusion
-from .pooling import SpatialPooling, apply_pointwise, compose_pointwise
+from .pooling import SpatialPooling, compose_pointwise
 
 __all__ = ["StreamFeatures", "EmbeddingFeatures", "MatchingNetwork",
            "TwoStreamMatchingNetwork", "FCCNN"]
@@ -149,7 +149,7 @@ class MatchingNetwork(nn.Module):
 class HeadWeights(NamedTuple):
     entry: tuple[torch.Tensor, torch.Tensor] | None  # projection P then the pooling's in_proj
     tail: tuple[torch.Tensor, torch.Tensor]          # the FC, or out_proj then FC: weight, bias
-    tail_fused: bool                                 # does ``tail`` include out_proj?
+    tail_fused: bool  # does ``tail`` include out_proj? Its inputs are then in (H, W, c) order
 
 
 class TwoStreamMatchingNetwork(MatchingNetwork):
@@ -213,18 +213,30 @@ class TwoStreamMatchingNetwork(MatchingNetwork):
         k = self.map_size[0] * self.map_size[1]
         w = fc_w.view(fc_w.shape[0], self.channels, k)
         out_w = out.weight.flatten(1)
-        tail_w = torch.einsum("fck,cj->fjk", w, out_w).reshape(fc_w.shape[0], -1)
+        # Columns in (cell, core channel) order: the per-pair path is channels last.
+        tail_w = torch.einsum("fck,cj->fkj", w, out_w).reshape(fc_w.shape[0], -1)
         tail_b = w.sum(-1) @ out.bias
         return HeadWeights(entry, (tail_w, tail_b), True)
 
     def score_features(self, probe: StreamFeatures, gallery: StreamFeatures,
                        head_weights: HeadWeights | None = None) -> torch.Tensor:
         hw = head_weights or self.head_weights()
-        x = apply_pointwise(self.fusion.combine(probe.joint, gallery.joint), hw.entry)
-        x = self._to_grid(self.pooling.core(x))
+        joint = self.fusion.combine(probe.joint, gallery.joint)  # (P, j, H, W)
+        p, _, h, w = joint.shape
+        # Channels last from here on: the linear maps are products on the innermost axis, and
+        # this batched 2D transpose is the one layout change of the joint map.
+        x = joint.flatten(2).transpose(1, 2)  # (P, H*W, j)
+        if hw.entry is not None:
+            x = F.linear(x, *hw.entry)
+        x = self.pooling.core_last(x.reshape(p, h, w, x.shape[-1]))  # (P, H, W, c)
+        if (h, w) != tuple(self.map_size):
+            x = self._to_grid(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         tail_w, tail_b = hw.tail
-        if not hw.tail_fused and self.pooling.out_proj is not None:
-            x = self.pooling.out_proj(x)
+        if not hw.tail_fused:
+            if self.pooling.out_proj is not None:
+                x = F.linear(x, self.pooling.out_proj.weight.flatten(1),
+                             self.pooling.out_proj.bias)
+            x = x.permute(0, 3, 1, 2)  # the FC's (C, H, W) order
         # W F~ without the FC's bias: the bias is in both per-image embeddings already.
         joint = F.linear(x.flatten(1), tail_w, tail_b)
         return F.cosine_similarity(probe.embedding - joint, gallery.embedding - joint, dim=1)

@@ -41,14 +41,6 @@ def compose_pointwise(*maps: nn.Conv2d | tuple[torch.Tensor, torch.Tensor] | Non
     return None if weight is None else (weight, bias)
 
 
-def apply_pointwise(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """``(P, c_in, H, W)`` -> ``(P, c_out, H, W)`` through a ``(weight, bias)`` pair."""
-    if wb is None:
-        return x
-    weight, bias = wb
-    return F.conv2d(x, weight[:, :, None, None], bias)
-
-
 class SpatialPooling(nn.Module):
     """Interface of the spatial poolings (see the module docstring)."""
 
@@ -61,6 +53,15 @@ class SpatialPooling(nn.Module):
     def core(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def core_last(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`core` with channels last: ``(B, H, W, c)`` -> ``(B, H, W, core_channels)``.
+
+        The per-pair path runs channels last, where the linear maps around the core are plain
+        matrix products on the innermost axis. A pooling whose core has a cheaper
+        channels-last form overrides this.
+        """
+        return self.core(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.in_proj is not None:
             x = self.in_proj(x)
@@ -68,35 +69,22 @@ class SpatialPooling(nn.Module):
         return x if self.out_proj is None else self.out_proj(x)
 
 
-def _sweep(steps: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
-    """ReLU recurrences along the first axis, all directions and rows at once.
+def _recur(xs: tuple[torch.Tensor, ...], weight_t: torch.Tensor, reverse: bool
+           ) -> list[torch.Tensor]:
+    """One ReLU recurrence over a sequence of steps: h_t = max(x_t + h_prev W^T, 0), h = 0
+    before the first step.
 
-    ``steps`` ``(T, D, N, h)``: D directions, each a sequence of T steps for N rows of hidden
-    vectors, h_t = max(W_d h_{t-1} + x_t, 0), h_{-1} = 0; ``weight_t`` ``(D, h, h)`` holds each
-    W_d transposed (rows of hidden vectors: ``h @ W^T``). Returns the states, same layout. The
-    loop over the T steps is the only Python loop; each step is one batched GEMM over
-    contiguous memory.
+    ``xs``: T steps, each ``(N, h)`` (N rows of hidden vectors); ``weight_t``: W transposed;
+    ``reverse`` runs from the last step to the first. Returns the T states in step order
+    (not run order), so a reversed direction needs no flipped copy of its input or output.
     """
-    # unbind, not steps[t]: the backward of T indexing ops would write T full-size zero tensors.
-    xs = steps.unbind(0)
-    state = torch.relu(xs[0])
-    states = [state]
-    for x in xs[1:]:
-        state = torch.relu(torch.baddbmm(x, state, weight_t))
-        states.append(state)
-    return torch.stack(states)
-
-
-def to_sequence(x: torch.Tensor) -> torch.Tensor:
-    """``(B, C, H, W)`` -> the recurrences' layout ``(W, B, H, C)``: a step along the width is a
-    contiguous block, and channels are innermost so that every layout change below moves whole
-    hidden vectors (ONNX Runtime's transposes of small innermost axes are slow)."""
-    return x.permute(3, 0, 2, 1)
-
-
-def from_sequence(seq: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`to_sequence`: ``(W, B, H, C)`` -> ``(B, C, H, W)``."""
-    return seq.permute(1, 3, 2, 0)
+    order = range(len(xs) - 1, -1, -1) if reverse else range(len(xs))
+    states: list[torch.Tensor] = [xs[0]] * len(xs)
+    state = None
+    for t in order:
+        state = torch.relu(xs[t] if state is None else torch.addmm(xs[t], state, weight_t))
+        states[t] = state
+    return states
 
 
 class FourDirectionRecurrence(nn.Module):
@@ -115,31 +103,27 @@ class FourDirectionRecurrence(nn.Module):
         self.weight = nn.Parameter(torch.eye(hidden).repeat(4, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return from_sequence(self.sweep(to_sequence(x)))
+        return self.sweep(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
-    def sweep(self, seq: torch.Tensor) -> torch.Tensor:
-        """The four recurrences in the sequence layout: ``(W, B, H, h)`` -> ``(W, B, H, 4h)``.
+    def sweep(self, x: torch.Tensor) -> torch.Tensor:
+        """The four recurrences, channels last: ``(B, H, W, h)`` -> ``(B, H, W, 4h)``.
 
-        Reversed directions run on the input reversed along its step axis (an outer axis:
-        whole blocks move), stacked beside the forward ones so that one GEMM per step serves
-        both; a square map sweeps all four directions in one loop.
+        Each step of each direction is one matrix product on the step's ``(B*H, h)`` (a
+        column of the map) or ``(B*W, h)`` (a row) block; reversed directions walk the same
+        steps backwards, and each direction's states are put back in place by one
+        concatenation. No flipped, stacked or transposed copy of a map is made: those were
+        most of ONNX Runtime's time (docs/inference.md, "Channels last").
         """
-        w, b, h, hidden = seq.shape
+        b, h, w, hidden = x.shape
         weight_t = self.weight.transpose(1, 2)
-        cols = seq.transpose(0, 2)                                   # (H, B, W, h)
-        rows_in = torch.stack([seq, seq.flip(0)], dim=1).reshape(w, 2, b * h, hidden)
-        cols_in = torch.stack([cols, cols.flip(0)], dim=1).reshape(h, 2, b * w, hidden)
-        if w == h:
-            swept = _sweep(torch.cat([rows_in, cols_in], dim=1), weight_t)
-            rows_out, cols_out = swept[:, :2], swept[:, 2:]
-        else:
-            rows_out = _sweep(rows_in, weight_t[:2])
-            cols_out = _sweep(cols_in, weight_t[2:])
-        rows_out = rows_out.reshape(w, 2, b, h, hidden)
-        cols_out = cols_out.reshape(h, 2, b, w, hidden)
-        return torch.cat([rows_out[:, 0], rows_out[:, 1].flip(0),
-                          cols_out[:, 0].transpose(0, 2), cols_out[:, 1].flip(0).transpose(0, 2)],
-                         dim=-1)
+        # unbind, not x[:, t]: the backward of T indexing ops would write T full-size zeros.
+        columns = [c.reshape(b * h, hidden) for c in x.unbind(2)]   # steps along the width
+        rows = [r.reshape(b * w, hidden) for r in x.unbind(1)]      # steps along the height
+        across = [torch.stack([s.view(b, h, hidden) for s in _recur(columns, weight_t[d], d == 1)],
+                              dim=2) for d in (0, 1)]
+        down = [torch.stack([s.view(b, w, hidden) for s in _recur(rows, weight_t[d], d == 3)],
+                            dim=1) for d in (2, 3)]
+        return torch.cat(across + down, dim=-1)
 
 
 class IRNNLayer(nn.Module):
@@ -191,25 +175,27 @@ class StackedIRNN(SpatialPooling):
         return self.layers[-1].out_conv
 
     def core(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, h, H, W)`` (after ``in_proj``) -> ``(B, 4h, H, W)`` (before ``out_proj``).
+        """``(B, h, H, W)`` (after ``in_proj``) -> ``(B, 4h, H, W)`` (before ``out_proj``)."""
+        return self.core_last(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
-        Runs in the sequence layout (:func:`to_sequence`) from the first layer to the last:
-        two layout changes in all; the fused convolutions between layers are matrix products
-        on the innermost axis.
+    def core_last(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, h)`` (after ``in_proj``) -> ``(B, H, W, 4h)`` (before ``out_proj``).
+
+        The fused convolutions between layers are matrix products on the innermost axis;
+        nothing changes layout.
         """
-        seq = to_sequence(x)
         for k, layer in enumerate(self.layers):
             if k > 0:
                 weight, bias = compose_pointwise(self.layers[k - 1].out_conv, layer.in_conv)
-                seq = torch.addmm(bias, seq.flatten(0, 2), weight.t()).view(
-                    *seq.shape[:3], weight.shape[0])
-            seq = layer.recurrence.sweep(seq)
+                x = torch.addmm(bias, x.flatten(0, 2), weight.t()).view(
+                    *x.shape[:3], weight.shape[0])
+            x = layer.recurrence.sweep(x)
             if self.training and layer.dropout.p > 0:
-                # Dropout2d's rule (whole hidden maps per sample) in the sequence layout.
-                keep = torch.ones(1, seq.shape[1], 1, seq.shape[3], dtype=seq.dtype,
-                                  device=seq.device)
-                seq = seq * F.dropout(keep, layer.dropout.p, training=True)
-        return from_sequence(seq)
+                # Dropout2d's rule (whole hidden maps per sample), channels last.
+                keep = torch.ones(x.shape[0], 1, 1, x.shape[3], dtype=x.dtype,
+                                  device=x.device)
+                x = x * F.dropout(keep, layer.dropout.p, training=True)
+        return x
 
 
 class SpatialPyramidPooling(SpatialPooling):

@@ -217,16 +217,21 @@ def rank_gallery(engine: Engine, store: GalleryStore, gallery: str,
 
 def _head_scores(engine: Engine, view: GalleryView, probe: dict[str, np.ndarray],
                  rows: np.ndarray, metrics: ServiceMetrics) -> np.ndarray:
-    """Pair-head similarities of ``rows`` of ``view``, gathered ``batch_size`` at a time."""
-    scores = np.empty(len(rows), np.float32)
-    step = engine.batch_size
-    for k in range(0, len(rows), step):
-        chunk = rows[k:k + step]
-        t0 = time.perf_counter()
-        scores[k:k + step] = engine.score(probe, {f: a[chunk] for f, a in view.arrays.items()})
-        metrics.score_batch.observe(time.perf_counter() - t0)
-    metrics.pairs_scored.inc(len(rows))
-    return scores
+    """Pair-head similarities of ``rows`` of ``view``, gathered ``batch_size`` rows at a time
+    as the engine's head threads take them."""
+    step, n = engine.batch_size, len(rows)
+    # Consecutive rows (an exhaustive query, no camera filter) are sliced, not copied.
+    first = int(rows[0]) if n and bool(np.all(np.diff(rows) == 1)) else None
+
+    def pick(k: int) -> slice | np.ndarray:
+        return rows[k:k + step] if first is None else slice(first + k, first + min(k + step, n))
+
+    chunks = ({f: a[pick(k)] for f, a in view.arrays.items()} for k in range(0, n, step))
+    t0 = time.perf_counter()
+    scores = engine.score(probe, chunks)
+    metrics.score_batch.observe(time.perf_counter() - t0)
+    metrics.pairs_scored.inc(n)
+    return scores.astype(np.float32, copy=False)
 
 
 def rank_view(engine: Engine, view: GalleryView, probe: dict[str, np.ndarray], top_k: int,

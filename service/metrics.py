@@ -91,7 +91,9 @@ class ServiceMetrics:
         self.pairs_scored = Counter("dsmi_pairs_scored", "Probe-gallery pairs scored",
                                     registry=r)
         self.score_batch = Histogram("dsmi_score_batch_duration_seconds",
-                                     "Latency of scoring one batch of gallery items",
+                                     "Latency of scoring one batch of gallery items: a chunk "
+                                     "streamed from the store, or the rows of a resident "
+                                     "gallery that one query scores",
                                      buckets=_BATCH_BUCKETS, registry=r)
         self.query_stage = Histogram("dsmi_query_stage_duration_seconds",
                                      "Query time per stage (encode, fetch, score)", ["stage"],

@@ -261,7 +261,7 @@ class _CountingSession:
 
 
 def test_streamed_batches_equal_one_shot_scoring(small, monkeypatch):
-    engine = Engine(small[1], providers=CPU_ONLY, batch_size=8)
+    engine = Engine(small[1], providers=CPU_ONLY, batch_size=8, head_threads=1)
     maps = engine.encode(_images(41, seed=3), "b")
     probe = engine.prepare_probe(maps[:1])
     gallery = engine.prepare_gallery(maps)
@@ -282,6 +282,45 @@ def test_streamed_batches_equal_one_shot_scoring(small, monkeypatch):
     assert max(counter.sizes) <= engine.batch_size  # memory bounded by the batch size
     assert counter.sizes == [5, 1, 8, 8, 8, 8, 3]  # 5, 1, 24 and 11 items in chunks of 8
     assert engine.score(probe, iter([])).shape == (0,)
+
+
+def test_head_threads_score_chunks_side_by_side_in_order(small, monkeypatch):
+    serial = Engine(small[1], providers=CPU_ONLY, batch_size=64, head_threads=1)
+    engine = Engine(small[1], providers=CPU_ONLY, batch_size=64, head_threads=2)
+    assert engine.head_threads == 2
+    maps = engine.encode(_images(150, seed=5), "b")
+    probe = engine.prepare_probe(maps[:1])
+    gallery = engine.prepare_gallery(maps)
+    expected = serial.score(probe, gallery)
+
+    counter = _CountingSession(engine._sessions["head"])
+    monkeypatch.setitem(engine._sessions, "head", counter)
+    # One batch of 100 is cut in two chunks of 50, one per thread; 150 in chunks of 64.
+    np.testing.assert_allclose(engine.score(probe, {f: v[:100] for f, v in gallery.items()}),
+                               expected[:100], atol=1e-6)
+    assert sorted(counter.sizes) == [50, 50]
+    counter.sizes.clear()
+    np.testing.assert_allclose(engine.score(probe, gallery), expected, atol=1e-6)
+    assert sorted(counter.sizes) == [22, 64, 64]
+
+    pulled = []
+
+    def batches():  # 15 batches of 10: never more than two chunks per thread ahead
+        for k in range(0, 150, 10):
+            assert len(pulled) - len(counter.sizes) <= 2 * engine.head_threads
+            pulled.append(k)
+            yield {f: v[k:k + 10] for f, v in gallery.items()}
+
+    counter.sizes.clear()
+    np.testing.assert_allclose(engine.score(probe, batches()), expected, atol=1e-6)
+    assert len(pulled) == 15
+
+    def broken():
+        yield {f: v[:10] for f, v in gallery.items()}
+        yield {"embedding": gallery["embedding"][:10]}
+
+    with pytest.raises(ValueError, match="lacks field 'joint'"):
+        engine.score(probe, broken())
 
 
 def test_scoring_rejects_malformed_input(engine):

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from model.retrieval import two_stage_order
 from service.app import create_app, store_namespace
+from service import matching
 from service.matching import CameraFilter, rank_view
 from service.metrics import ServiceMetrics
 from service.settings import Settings
@@ -166,6 +167,26 @@ def test_the_cache_keeps_to_its_budget_least_recently_used_first():
     store.add_items("big", items(200))
     view, report = cache.view(store, "big", size_hint=200)
     assert view is None and report.outcome == "bypassed" and "big" not in cache._galleries
+
+
+def test_head_scores_follow_the_rows_given_consecutive_or_not():
+    engine = service_engine()
+    rng = np.random.default_rng(4)
+    maps = np.maximum(rng.normal(size=(40, *engine.map_shape)), 0).astype(np.float32)
+    prepared = engine.prepare_gallery(maps)
+    store = MemoryGalleryStore()
+    store.add_items("g", [NewItem(GalleryItem(new_image_id(), f"p{k}", "1"),
+                                  engine.codec.encode({f: a[k] for f, a in prepared.items()}))
+                          for k in range(40)])
+    view, _ = ResidentCache(engine.codec, 1 << 30, "embedding").view(store, "g")
+    probe = engine.prepare_probe(maps[:1])
+    expected = engine.score(probe, {f: a[:40] for f, a in view.arrays.items()})
+    # Consecutive (sliced), a shuffled run of consecutive rows (first and last 9 apart, but
+    # not in order: gathered) and scattered rows (gathered).
+    for rows in (np.arange(3, 33), np.array([3, 5, 4, 6, 7, 8, 9, 10, 11, 12]),
+                 np.array([39, 0, 17, 2])):
+        got = matching._head_scores(engine, view, probe, rows, ServiceMetrics())
+        np.testing.assert_allclose(got, expected[rows], atol=1e-6)
 
 
 def test_rank_view_two_stage_and_exhaustive_agree_with_the_reference_order():
