@@ -62,7 +62,7 @@ def load_engine(settings: Settings) -> Engine:
 
     return Engine(settings.resolved_model_dir, providers=settings.providers,
                   batch_size=settings.score_batch, cache_dtype=settings.cache_dtype,
-                  warmup=settings.warmup)
+                  warmup=settings.warmup, head_threads=settings.head_threads)
 
 
 def store_namespace(engine: Engine) -> str:

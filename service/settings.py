@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     max_metadata_bytes: int = Field(16 * 1024, gt=0, description="Most bytes of metadata JSON "
                                                                  "per image")
     score_batch: int = Field(256, gt=0, description="Gallery items fetched and scored at once")
+    head_threads: int | None = Field(
+        None, gt=0,
+        description="On the CPU, chunks of gallery items the pair head scores side by side, "
+                    "one thread each (default: the CPUs the worker may use; with several "
+                    "workers on one machine, CPUs / workers)")
     max_inflight_queries: int = Field(
         default_factory=lambda: max(2, os.cpu_count() or 2), gt=0,
         description="Queries in flight at once per worker (default: the CPU count, at least "

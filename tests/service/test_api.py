@@ -477,6 +477,19 @@ def test_the_app_loads_its_model_from_the_settings(engine):
         assert upload(c, "g", [image_bytes(1)]).status_code == 201
 
 
+def test_head_threads_come_from_the_environment(engine, monkeypatch):
+    from pydantic import ValidationError
+
+    from service.app import load_engine
+
+    monkeypatch.setenv("DSMI_HEAD_THREADS", "1")
+    settings = Settings(model_dir=engine.model_dir, warmup=False, providers=["cpu"])
+    assert load_engine(settings).head_threads == 1
+    monkeypatch.setenv("DSMI_HEAD_THREADS", "0")
+    with pytest.raises(ValidationError, match="head_threads"):
+        Settings()
+
+
 def test_a_store_of_another_model_is_refused(engine):
     from service.store import MemoryGalleryStore
 

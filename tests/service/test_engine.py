@@ -184,6 +184,10 @@ def test_bad_settings_are_refused(small):
         Engine(small[1], cache_dtype="int8")
     with pytest.raises(ValueError, match="batch"):
         Engine(small[1], batch_size=0)
+    with pytest.raises(ValueError, match="batch"):
+        Engine(small[1], head_batch_size=0)
+    with pytest.raises(ValueError, match="head_threads"):
+        Engine(small[1], head_threads=0)
 
 
 # -- images and scores -----------------------------------------------------------------------

@@ -10,8 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from model.retrieval import two_stage_order
-from service.app import create_app, store_namespace
 from service import matching
+from service.app import create_app, store_namespace
 from service.matching import CameraFilter, rank_view
 from service.metrics import ServiceMetrics
 from service.settings import Settings
