@@ -26,16 +26,24 @@ def serve_env() -> dict[str, str]:
     return env
 
 
-def wait_ready(proc: subprocess.Popen, base: str, timeout: float = 120) -> None:
-    """Until ``/readyz`` answers 200; fails if the process exits or the time runs out."""
+def wait_ready(proc: subprocess.Popen, base: str, timeout: float = 120,
+               in_a_row: int = 1) -> None:
+    """Until ``/readyz`` answers 200 ``in_a_row`` times (each on a new connection: with
+    several workers, whichever worker the kernel picks answers, so a worker still loading its
+    model would have to be passed over every time); fails if the process exits or the time
+    runs out."""
     deadline = time.monotonic() + timeout
+    ready = 0
     while True:
         assert proc.poll() is None, proc.communicate()[0]
         try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+            ready = ready + 1 if httpx.get(f"{base}/readyz", timeout=2).status_code == 200 else 0
+            if ready >= in_a_row:
                 return
+            if ready:
+                continue
         except httpx.TransportError:
-            pass
+            ready = 0
         assert time.monotonic() < deadline, "dsmi serve did not become ready"
         time.sleep(0.3)
 
@@ -99,7 +107,7 @@ def test_two_workers_report_the_service_as_a_whole(tmp_path):
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(proc, base, timeout=180)
+        wait_ready(proc, base, timeout=180, in_a_row=20)  # both workers, not the first one
         sent = 0
         # A new connection each; which worker accepts it is the kernel's choice, so send
         # until both have counted some (one file of counts per worker process).
