@@ -138,9 +138,9 @@ class Engine:
     ``head_threads``: on the CPU, how many chunks of gallery items the head scores at once,
     each on one thread (default: the CPUs this process may use; 1: one chunk at a time, on
     ONNX Runtime's own threads). The head's small matrix products split badly across threads
-    inside one run, and whole chunks side by side scored 1.3-1.6x more pairs per second on
-    two cores (docs/inference.md, "Channels last"). Under CUDA the head runs one chunk at a
-    time.
+    inside one run, and whole chunks side by side scored 1.56x more pairs per second on
+    two cores (``bench.head_bench``; docs/inference.md, "Channels last"). Under CUDA the head
+    runs one chunk at a time.
     ``place_galleries``: whether resident galleries are placed where the head runs and scored
     from there without a copy per call (:meth:`place`, :meth:`score_placed`); default: when
     the head runs on CUDA (where the per-chunk host-to-device copy was the cost).
@@ -199,7 +199,9 @@ class Engine:
             self.head_threads = 1
         self.head_batch_size = (self.batch_size if self.device == "cuda"
                                 else min(self.batch_size, int(head_batch_size)))
-        self._pool: ThreadPoolExecutor | None = None
+        # Made here, not on first use: two first queries at once would make two.
+        self._pool = (ThreadPoolExecutor(self.head_threads, thread_name_prefix="dsmi-head")
+                      if self.head_threads > 1 else None)
         self.places_galleries = (self.device == "cuda" if place_galleries is None
                                  else bool(place_galleries))
         if warmup:
@@ -428,7 +430,7 @@ class Engine:
             return head.run(["scores"], chunk_feed)[0]
 
         chunks = self._chunk_feeds(feed, gallery_batches)
-        if self.head_threads == 1:
+        if self._pool is None:
             parts = [run(f) for f in chunks]
         else:
             parts = list(self._in_parallel(run, chunks))
@@ -453,8 +455,6 @@ class Engine:
                      ) -> Iterator[np.ndarray]:
         """``run`` over ``feeds`` on the head threads, results in order; at most two chunks
         per thread are in flight, so memory stays bounded on a streamed gallery."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.head_threads, thread_name_prefix="dsmi-head")
         pending: deque[Future] = deque()
         try:
             for f in feeds:
