@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["machine_info", "write_results", "tile_gallery", "before_model_dir",
-           "BEFORE_COMMIT"]
+           "before_engine", "BEFORE_COMMIT"]
 
 ROOT = Path(__file__).resolve().parents[1]
 # The last commit whose bundled model has the channels-first head (one chunk at a time): the
@@ -100,3 +100,17 @@ def before_model_dir(path: Path | None = None) -> Path:
         with tarfile.open(fileobj=fh) as tar:
             tar.extractall(target, filter="data")
     return target / "service" / "default_model"
+
+
+def before_engine(model_id: str, path: Path | None = None):
+    """The engine of the "before" design, as the service ran it then: the model of
+    :func:`before_model_dir`, chunks of 256 items scored one at a time, ONNX Runtime's threads
+    spinning. Exits with a message unless it is the model ``model_id`` (same weights)."""
+    from service.engine import Engine
+
+    engine = Engine(before_model_dir(path), providers=["cpu"], batch_size=256,
+                    head_batch_size=256, head_threads=1, spin_wait=True)
+    if engine.model_id != model_id:
+        raise SystemExit(f"the 'before' model ({engine.model_id}) is not this model "
+                         f"({model_id}): pass --before-model-dir")
+    return engine

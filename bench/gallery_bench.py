@@ -16,7 +16,8 @@ TestClient: multipart encoding and parsing included, no network), as in service_
   out of Redis and scores every item;
 - ``before``: the service as issue 11 measured it: streamed, with the bundled model's
   channels-first head of commit ``bench.common.BEFORE_COMMIT`` (taken out of git, or
-  ``--before-model-dir``), one head chunk at a time on ONNX Runtime's spinning threads.
+  ``--before-model-dir``), chunks of 256 scored one at a time on ONNX Runtime's spinning
+  threads (``bench.common.before_engine``).
   Same weights, same scores.
 
 Reported per size: p50/p95 of each design, the first query's load time (the gallery read from
@@ -56,7 +57,7 @@ from tqdm import tqdm  # noqa: E402
 
 from bench.common import (  # noqa: E402
     BEFORE_COMMIT,
-    before_model_dir,
+    before_engine,
     machine_info,
     tile_gallery,
     write_results,
@@ -295,9 +296,7 @@ def print_table(result: dict) -> None:
                 process_kib = r["process_bytes_per_item"] / 1024
                 note = (f"load {r['load_s']:.1f} s; after a write {after:.0f} ms; Redis "
                         f"{redis_kib:.1f} KiB/item, process {process_kib:.1f} KiB/item")
-            elif design == "exhaustive" and "before" in r:
-                note = f"{r['before']['p50_ms'] / d['p50_ms']:.1f}x faster than before"
-            elif design == "streamed" and "before" in r:
+            elif design in ("exhaustive", "streamed") and "before" in r:
                 note = f"{r['before']['p50_ms'] / d['p50_ms']:.1f}x faster than before"
             print(f"{r['gallery_size']:>9,} {design:>11} {d['rescored']:>7} {d['p50_ms']:>9.1f} "
                   f"{d['p95_ms']:>9.1f} {d['mean_fetch_ms']:>8.1f} {d['mean_score_ms']:>8.1f}"
@@ -315,14 +314,7 @@ def print_table(result: dict) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     engine = Engine(args.model_dir, providers=["cpu"])
-    before = None
-    if not args.no_before:
-        # As the service ran then: one head chunk at a time, ONNX Runtime's threads spinning.
-        before = Engine(before_model_dir(args.before_model_dir), providers=["cpu"],
-                        head_threads=1, spin_wait=True)
-        if before.model_id != engine.model_id:
-            raise SystemExit(f"the 'before' model ({before.model_id}) is not this model "
-                             f"({engine.model_id}): pass --before-model-dir or --no-before")
+    before = None if args.no_before else before_engine(engine.model_id, args.before_model_dir)
     machine = machine_info()
     pool, maps, labels = real_pool(engine, args.real)
     probes = [data for data, _, _ in real_images(50, "val")]

@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:
 
 from bench.common import (  # noqa: E402
     BEFORE_COMMIT,
-    before_model_dir,
+    before_engine,
     machine_info,
     tile_gallery,
     write_results,
@@ -91,15 +91,10 @@ def profile(model_dir: Path, probe: dict, gallery: dict, runs: int = 20) -> dict
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    engines = {
-        "before": Engine(before_model_dir(args.before_model_dir), providers=["cpu"],
-                         head_threads=1, spin_wait=True, batch_size=256, head_batch_size=256),
-        "serial": Engine(args.model_dir, providers=["cpu"], head_threads=1),
-        "threads": Engine(args.model_dir, providers=["cpu"]),
-    }
-    if len({e.model_id for e in engines.values()}) != 1:
-        raise SystemExit("the 'before' model is another model: pass --before-model-dir")
-    today = engines["threads"]
+    today = Engine(args.model_dir, providers=["cpu"])
+    engines = {"before": before_engine(today.model_id, args.before_model_dir),
+               "serial": Engine(args.model_dir, providers=["cpu"], head_threads=1),
+               "threads": today}
     images = real_images(args.real, "train")
     maps = today.encode(np.stack([today.preprocess(d) for d, _, _ in images]), "b")
     gallery = tile_gallery(today.prepare_gallery(maps), args.n)

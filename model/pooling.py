@@ -79,7 +79,7 @@ def _recur(xs: tuple[torch.Tensor, ...], weight_t: torch.Tensor, reverse: bool
     (not run order), so a reversed direction needs no flipped copy of its input or output.
     """
     order = range(len(xs) - 1, -1, -1) if reverse else range(len(xs))
-    states: list[torch.Tensor] = [xs[0]] * len(xs)
+    states: list = [None] * len(xs)
     state = None
     for t in order:
         state = torch.relu(xs[t] if state is None else torch.addmm(xs[t], state, weight_t))
@@ -110,9 +110,9 @@ class FourDirectionRecurrence(nn.Module):
 
         Each step of each direction is one matrix product on the step's ``(B*H, h)`` (a
         column of the map) or ``(B*W, h)`` (a row) block; reversed directions walk the same
-        steps backwards, and each direction's states are put back in place by one
-        concatenation. No flipped, stacked or transposed copy of a map is made: those were
-        most of ONNX Runtime's time (docs/inference.md, "Channels last").
+        steps backwards, and each direction's states are put back in place by one stack. No
+        flipped or transposed copy of a map is made: those were most of ONNX Runtime's time
+        (docs/inference.md, "Channels last").
         """
         b, h, w, hidden = x.shape
         weight_t = self.weight.transpose(1, 2)

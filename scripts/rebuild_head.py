@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from onnx import numpy_helper
 
@@ -40,7 +39,7 @@ from model.factory import build_model
 from model.formats import MANIFEST_FILE
 from model.network import HeadWeights, StreamFeatures
 from model.pooling import StackedIRNN
-from model.preprocess import load_image_tensor
+from service.engine import Engine
 
 
 def _initialisers(path: Path) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
@@ -118,7 +117,7 @@ def rebuild(src: Path, dst: Path, images: list[Path]) -> float:
         for extra in src.iterdir():  # the model card and anything else beside the graphs
             if not (staging / extra.name).exists():
                 shutil.copy2(extra, staging / extra.name)
-        diff = _compare(src, staging, manifest, images)
+        diff = _compare(src, staging, images)
         if not diff < 1e-5:
             sys.exit(f"the rebuilt head differs from the old one by {diff:.3g}: not written")
         if dst.exists():
@@ -129,25 +128,17 @@ def rebuild(src: Path, dst: Path, images: list[Path]) -> float:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _compare(old: Path, new: Path, manifest: dict, images: list[Path]) -> float:
-    """Largest |score difference| of the two folders' heads: every image against every other."""
-    def session(folder: Path, key: str) -> ort.InferenceSession:
-        return ort.InferenceSession(str(folder / manifest["graphs"][key]["file"]),
-                                    providers=["CPUExecutionProvider"])
-
-    h, w = manifest["input_size"]
-    batch = np.stack([load_image_tensor(p, (h, w), manifest["mean"], manifest["std"])
-                      for p in images]).astype(np.float32)
-    maps = session(old, "trunk_a").run(None, {"images": batch})[0]
-    fields = manifest["fields"]
-    probes = session(old, "probe").run(None, {"maps": maps})
-    gallery = session(old, "gallery").run(None, {"maps": maps})
-    heads = session(old, "head"), session(new, "head")
+def _compare(old: Path, new: Path, images: list[Path]) -> float:
+    """Largest |score difference| of the two folders' heads: every image against every other,
+    each folder run by the service's engine."""
+    engines = [Engine(folder, providers=["cpu"], head_threads=1) for folder in (old, new)]
+    first = engines[0]
+    maps = first.encode(np.stack([first.preprocess(p) for p in images]), "b")
+    gallery = first.prepare_gallery(maps)
     worst = 0.0
     for q in range(len(images)):
-        feed = {f"probe_{f}": v[q:q + 1] for f, v in zip(fields, probes, strict=True)}
-        feed.update({f"gallery_{f}": v for f, v in zip(fields, gallery, strict=True)})
-        a, b = (s.run(None, feed)[0] for s in heads)
+        probe = first.prepare_probe(maps[q:q + 1])
+        a, b = (e.score(probe, gallery) for e in engines)
         worst = max(worst, float(np.abs(a - b).max()))
     return worst
 

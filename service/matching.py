@@ -231,7 +231,7 @@ def _head_scores(engine: Engine, view: GalleryView, probe: dict[str, np.ndarray]
     scores = engine.score(probe, chunks)
     metrics.score_batch.observe(time.perf_counter() - t0)
     metrics.pairs_scored.inc(n)
-    return scores.astype(np.float32, copy=False)
+    return scores
 
 
 def rank_view(engine: Engine, view: GalleryView, probe: dict[str, np.ndarray], top_k: int,
