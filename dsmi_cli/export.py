@@ -24,6 +24,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exporter", choices=EXPORTERS, default="legacy",
                         help="legacy: torch.onnx.export(dynamo=False), the default; "
                              "dynamo: torch.export based")
+    parser.add_argument("--calibration", type=Path,
+                        help="the match probability's calibration.json (default: the one "
+                             "beside --checkpoint, written by dsmi train, if any)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip comparing ONNX Runtime's scores with PyTorch's")
 
@@ -37,13 +40,23 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         net = build_model(args.variant)
     net.eval()
-    manifest = export_model(net, args.out, opset=args.opset, exporter=args.exporter)
+    from training.calibration import read_calibration
+    source = args.calibration or args.checkpoint
+    calibration = read_calibration(source) if source is not None else None
+    if args.calibration is not None and calibration is None:
+        print(f"error: no calibration at {args.calibration}")
+        return 2
+    manifest = export_model(net, args.out, opset=args.opset, exporter=args.exporter,
+                            calibration=calibration)
     total = sum(manifest["files"].values())
     print(f"exported {manifest['variant']} (model id {manifest['model_id']}) to {args.out} "
           f"with {manifest['exporter']}, opset {manifest['opset']}")
     for file, size in manifest["files"].items():
         print(f"  {file:<16} {size / 1e6:9.2f} MB")
     print(f"  {'total':<16} {total / 1e6:9.2f} MB")
+    print("match probability: " + (f"a={calibration.a:.3f} b={calibration.b:.3f} "
+                                   f"({calibration.fitted_on})" if calibration else
+                                   "none (no calibration.json beside the checkpoint)"))
     if not args.no_verify:
         diff = verify_export(net, args.out)
         print(f"ONNX Runtime vs PyTorch, 8 random images: max |score difference| {diff:.2e}")

@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("dsmi_cli.export", "export a checkpoint or variant to ONNX for the service"),
     "serve": ("dsmi_cli.serve", "run the matching service (FastAPI, ONNX Runtime, Redis cache)"),
 }
+# Commands that train or run PyTorch at length: started under a caching allocator.
+ALLOCATOR_COMMANDS = ("train", "repeat", "evaluate")
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -71,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.command:
             parser.print_help()
             return 2
+        if args.command in ALLOCATOR_COMMANDS:
+            from .allocator import ensure_caching_allocator
+            ensure_caching_allocator(args.command, argv)
         return int(import_module(args._module).run(args) or 0)
     except ModuleNotFoundError as exc:
         message = missing_extra_message(command or "", exc)

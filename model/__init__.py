@@ -9,7 +9,7 @@ from importlib import import_module
 _EXPORTS = {
     "VARIANTS": "factory", "VariantSpec": "factory", "build_model": "factory",
     "list_variants": "factory", "variant_spec": "factory",
-    "binomial_deviance": "loss",
+    "binomial_deviance": "loss", "batch_hard_triplet": "loss",
     "MultiplicativeGate": "fusion", "HadamardFusion": "fusion", "BilinearFusion": "fusion",
     "FourDirectionRecurrence": "pooling", "IRNNLayer": "pooling", "StackedIRNN": "pooling",
     "SpatialPyramidPooling": "pooling", "GlobalAveragePooling": "pooling",

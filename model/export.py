@@ -36,6 +36,7 @@ from onnx import numpy_helper
 from onnx.external_data_helper import set_external_data
 from torch import nn
 
+from .calibration import Calibration
 from .formats import MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, WEIGHTS_FILE
 from .network import MatchingNetwork
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
@@ -221,7 +222,7 @@ def _shapes(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
 
 def export_model(net: MatchingNetwork, out_dir: str | Path, opset: int = 17,
                  exporter: str = "legacy", check: bool = True, pair_graph: bool = False,
-                 overwrite: bool = True) -> dict:
+                 overwrite: bool = True, calibration: Calibration | None = None) -> dict:
     """Export ``net`` (eval mode) into ``out_dir`` and return the manifest (also written as
     ``manifest.json``).
 
@@ -233,7 +234,8 @@ def export_model(net: MatchingNetwork, out_dir: str | Path, opset: int = 17,
     The head graph is the model's own ``score_features`` traced (one implementation of the
     per-pair arithmetic for training, PyTorch inference and ONNX Runtime).
     The folder is written next to ``out_dir`` first and moved into place, so a failed export
-    never leaves half a folder.
+    never leaves half a folder. ``calibration`` (the match probability fitted in training)
+    goes into the manifest, where the service reads it.
     """
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, not {exporter!r}")
@@ -243,14 +245,15 @@ def export_model(net: MatchingNetwork, out_dir: str | Path, opset: int = 17,
     was_training = net.training
     net.eval()
     try:
-        manifest = _export_into(net, out_dir, opset, exporter, check, pair_graph)
+        manifest = _export_into(net, out_dir, opset, exporter, check, pair_graph,
+                                calibration)
     finally:
         net.train(was_training)
     return manifest
 
 
 def _export_into(net: MatchingNetwork, out_dir: Path, opset: int, exporter: str, check: bool,
-                 pair_graph: bool) -> dict:
+                 pair_graph: bool, calibration: Calibration | None = None) -> dict:
     h, w = net.input_size
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(2, 3, h, w, generator=generator)
@@ -303,6 +306,7 @@ def _export_into(net: MatchingNetwork, out_dir: Path, opset: int, exporter: str,
             opsets.update(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
         manifest = _manifest(net, fields, maps, probe, gallery, graphs, files, exporter,
+                             calibration,
                              sorted(opsets))
         text = json.dumps(manifest, indent=2) + "\n"
         manifest = json.loads(text)  # what readers see: tuples become lists
@@ -327,7 +331,8 @@ def _versions() -> dict[str, str]:
 
 
 def _manifest(net: MatchingNetwork, fields: list[str], maps: torch.Tensor, probe, gallery,
-              graphs: dict, files: dict[str, int], exporter: str, opsets: list[int]) -> dict:
+              graphs: dict, files: dict[str, int], exporter: str,
+              calibration: Calibration | None, opsets: list[int]) -> dict:
     spec = getattr(net, "spec", None)
     return {
         "format": MANIFEST_FORMAT,
@@ -355,6 +360,7 @@ def _manifest(net: MatchingNetwork, fields: list[str], maps: torch.Tensor, probe
         "weights_file": WEIGHTS_FILE,
         "files": files,
         "versions": _versions(),
+        "calibration": calibration.to_dict() if calibration is not None else None,
     }
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from .fusion import BilinearFusion, HadamardFusion, MultiplicativeGate
 from .network import FCCNN, MatchingNetwork, TwoStreamMatchingNetwork
 from .pooling import GlobalAveragePooling, SpatialPyramidPooling, StackedConv, StackedIRNN
-from .trunks import TRUNK_STRIDE, EfficientNetLite0Trunk, SmallTrunk, VGG16Trunk, VGGMTrunk
+from .trunks import EfficientNetLite0Trunk, SmallTrunk, VGG16Trunk, VGGMTrunk
 from .weights import load_trunk_weights
 
 __all__ = ["VariantSpec", "VARIANTS", "build_model", "list_variants", "variant_spec"]
@@ -22,8 +22,11 @@ class VariantSpec:
     """Everything that tells one variant from another. Every field can be overridden.
 
     trunk / trunk_b: ``vgg16``, ``vggm``, ``small-vggd``, ``small-vggm``, ``lite0``
-    (EfficientNet-Lite0 to stride 16; ``trunk_b=None``: the streams share one trunk).
-    trunk_frozen: leading trunk stages kept fixed in training (``lite0`` only).
+    (EfficientNet-Lite0 to stride 16), ``lite0-head`` (all of it to its 1280-channel head
+    conv, stride 32); ``trunk_b=None``: the streams share one trunk.
+    trunk_frozen: leading trunk stages kept fixed in training (``lite0*`` only).
+    embedding: ``fc`` (the paper's FC on the flattened map) or ``bnneck`` (global average and
+    batch norm, width C; ``fc_dim`` unused).
     fusion: ``gate`` (Eq. 2), ``gate-linear`` (Eq. 1), ``hadamard`` (MI), ``bilinear`` (B-CNN).
     pooling: ``irnn``, ``spp``, ``gap``, ``conv``, or ``none`` with ``head="fc-cnn"``.
     embed_dim: d (or the bilinear rank); hidden: IRNN / conv width; fc_dim: width of x_A, x_B
@@ -45,6 +48,7 @@ class VariantSpec:
     weights: str | None = None      # None (random), "imagenet", or a path; for trunk A
     weights_b: str | None = None    # the same for trunk B when the streams do not share
     trunk_frozen: int = 0
+    embedding: str = "fc"
 
 
 _SMALL = dict(embed_dim=64, hidden=32, fc_dim=128, input_size=(128, 64))
@@ -88,9 +92,26 @@ def _lite0(spec: VariantSpec) -> VariantSpec:
     return dataclasses.replace(spec, **narrow)
 
 
+# The whole ImageNet EfficientNet-Lite0 (1280-channel head conv, stride 32) at 256x128, an 8x4
+# grid, with a BNNeck embedding: the trunk and embedding train first as a re-id embedding
+# (identity and triplet losses), then the gate/IRNN head on pairs (docs/results.md). The stem
+# and block 0 (stride 2, the costliest backward on a CPU) stay at ImageNet's.
+_LITE0_BNNECK = dict(trunk="lite0-head", embedding="bnneck", embed_dim=64, hidden=32,
+                     fc_dim=1280, input_size=(256, 128), weights="imagenet", trunk_frozen=2)
+_LITE0_BNNECK_BASES = ("dsmi", "mi-spp", "bcnn-irnn", "dsmi-gap")
+
+
+def _lite0_bnneck(spec: VariantSpec) -> VariantSpec:
+    narrow = dict(_LITE0_BNNECK)
+    if spec.fusion == "bilinear":
+        narrow["embed_dim"] = 16
+    return dataclasses.replace(spec, **narrow)
+
+
 VARIANTS: dict[str, VariantSpec] = {
     **_BASE, **{f"{name}-small": _small(spec) for name, spec in _BASE.items()},
-    **{f"{name}-lite0": _lite0(_BASE[name]) for name in _LITE0_BASES}}
+    **{f"{name}-lite0": _lite0(_BASE[name]) for name in _LITE0_BASES},
+    **{f"{name}-lite0-bnneck": _lite0_bnneck(_BASE[name]) for name in _LITE0_BNNECK_BASES}}
 
 
 def list_variants() -> list[str]:
@@ -114,10 +135,11 @@ def _build_trunk(kind: str, weights: str | Path | None, frozen: int = 0) -> nn.M
     builders = {"vgg16": VGG16Trunk, "vggm": VGGMTrunk,
                 "small-vggd": lambda: SmallTrunk(style="vggd"),
                 "small-vggm": lambda: SmallTrunk(style="vggm"),
-                "lite0": lambda: EfficientNetLite0Trunk(frozen_stages=frozen)}
+                "lite0": lambda: EfficientNetLite0Trunk(frozen_stages=frozen),
+                "lite0-head": lambda: EfficientNetLite0Trunk(frozen_stages=frozen, cut="head")}
     if kind not in builders:
         raise ValueError(f"unknown trunk {kind!r}; known: {', '.join(builders)}")
-    if frozen and kind != "lite0":
+    if frozen and not kind.startswith("lite0"):
         raise ValueError(f"trunk_frozen is for the lite0 trunk, not {kind!r}")
     trunk = builders[kind]()
     if weights is not None:
@@ -156,10 +178,13 @@ def build_model(name: str = "dsmi", **overrides) -> MatchingNetwork:
     """
     spec = variant_spec(name, **overrides)
     h, w = spec.input_size
-    if h % TRUNK_STRIDE or w % TRUNK_STRIDE:
-        raise ValueError(f"input_size {spec.input_size} must be a multiple of {TRUNK_STRIDE}")
-    map_size = (h // TRUNK_STRIDE, w // TRUNK_STRIDE)
     trunk_a = _build_trunk(spec.trunk, spec.weights, spec.trunk_frozen)
+    stride = trunk_a.stride
+    if h % stride or w % stride:
+        raise ValueError(f"input_size {spec.input_size} must be a multiple of {stride}")
+    map_size = (h // stride, w // stride)
+    if spec.embedding not in ("fc", "bnneck"):
+        raise ValueError(f"unknown embedding {spec.embedding!r}; known: fc, bnneck")
     if spec.head == "fc-cnn":
         net: MatchingNetwork = FCCNN(trunk_a, map_size, spec.fc_dim, spec.num_classes,
                                      spec.dropout)
@@ -169,7 +194,7 @@ def build_model(name: str = "dsmi", **overrides) -> MatchingNetwork:
         channels = trunk_a.out_channels
         net = TwoStreamMatchingNetwork(trunk_a, _build_fusion(spec, channels),
                                        _build_pooling(spec, channels), map_size, spec.fc_dim,
-                                       trunk_b=trunk_b)
+                                       trunk_b=trunk_b, embedding=spec.embedding)
     net.variant = name
     net.input_size = spec.input_size
     net.build_args = {"name": name, **overrides}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["binomial_deviance"]
+__all__ = ["binomial_deviance", "batch_hard_triplet"]
 
 
 def binomial_deviance(similarity: torch.Tensor, same_identity: torch.Tensor,
@@ -32,3 +32,23 @@ def binomial_deviance(similarity: torch.Tensor, same_identity: torch.Tensor,
     pos = deviance[positive].mean() if positive.any() else zero
     neg = deviance[negative].mean() if negative.any() else zero
     return pos + neg
+
+
+def batch_hard_triplet(features: torch.Tensor, pids: torch.Tensor,
+                       margin: float = 0.3) -> torch.Tensor:
+    """Batch-hard triplet loss (Hermans et al. 2017) -> scalar.
+
+    ``features`` ``(n, D)``, ``pids`` ``(n,)``. For each anchor, its farthest positive and
+    nearest negative by Euclidean distance: mean of ``relu(d_ap - d_an + margin)``. Anchors
+    without a positive or without a negative in the batch are left out (0 if none is left).
+    """
+    dist = torch.cdist(features, features).clamp_min(1e-12)
+    same = pids[:, None] == pids[None, :]
+    eye = torch.eye(len(pids), dtype=torch.bool, device=features.device)
+    positive, negative = same & ~eye, ~same
+    usable = positive.any(1) & negative.any(1)
+    if not usable.any():
+        return features.new_zeros(())
+    d_ap = dist.masked_fill(~positive, float("-inf")).amax(1)
+    d_an = dist.masked_fill(~negative, float("inf")).amin(1)
+    return F.relu(d_ap - d_an + margin)[usable].mean()

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .embedding import BNNeckEmbedding
 from .fusion import Fusion
 from .pooling import SpatialPooling, compose_pointwise
 
@@ -134,11 +135,17 @@ class MatchingNetwork(nn.Module):
         work for a second estimate of the same match. The result is mirrored, so it is
         symmetric; the diagonal holds each image scored against itself.
         """
-        n = images.shape[0]
         maps_a = self.encode(images, "a")
         maps_b = maps_a if self.shares_trunk else self.encode(images, "b")
+        return self.similarity_matrix_of_maps(maps_a, maps_b)
+
+    def similarity_matrix_of_maps(self, maps_a: torch.Tensor, maps_b: torch.Tensor
+                                  ) -> torch.Tensor:
+        """:meth:`similarity_matrix` from the n images' conv5 maps of each stream
+        ``(n, C, K1, K2)``: a fixed trunk's maps are computed once and reused (phase 2)."""
+        n = maps_a.shape[0]
         probe, gallery = self.prepare_probe(maps_a), self.prepare_gallery(maps_b)
-        rows, cols = torch.triu_indices(n, n, device=images.device)
+        rows, cols = torch.triu_indices(n, n, device=maps_a.device)
         scores = self.score_features(_select(probe, rows), _select(gallery, cols),
                                      self.head_weights())
         sim = scores.new_zeros(n, n)
@@ -150,6 +157,9 @@ class HeadWeights(NamedTuple):
     entry: tuple[torch.Tensor, torch.Tensor] | None  # projection P then the pooling's in_proj
     tail: tuple[torch.Tensor, torch.Tensor]          # the FC, or out_proj then FC: weight, bias
     tail_fused: bool  # does ``tail`` include out_proj? Its inputs are then in (H, W, c) order
+    # Does ``tail`` read the pooled core output's mean over locations ``(P, c)``? (a BNNeck
+    # embedding: the mean commutes with the linear maps, so it is taken first)
+    tail_mean: bool = False
 
 
 class TwoStreamMatchingNetwork(MatchingNetwork):
@@ -158,12 +168,14 @@ class TwoStreamMatchingNetwork(MatchingNetwork):
     With the gate and the stacked IRNN this is DSMI; other fusions and poolings give the
     paper's baselines. ``trunk_b=None`` shares ``trunk_a`` between the streams.
     ``map_size`` is the trunk's output grid at the configured input size; ``fc_dim`` the width
-    of x_A and x_B.
+    of x_A and x_B. ``embedding``: ``"fc"`` (the paper's FC on the flattened map) or
+    ``"bnneck"`` (:class:`~model.embedding.BNNeckEmbedding`, x_A and x_B of width C; ``fc_dim``
+    is then unused). Either sits in ``self.fc``.
     """
 
     def __init__(self, trunk_a: nn.Module, fusion: Fusion, pooling: SpatialPooling,
                  map_size: tuple[int, int], fc_dim: int = 512,
-                 trunk_b: nn.Module | None = None) -> None:
+                 trunk_b: nn.Module | None = None, embedding: str = "fc") -> None:
         super().__init__()
         self.trunks = nn.ModuleList([trunk_a] if trunk_b is None else [trunk_a, trunk_b])
         channels = trunk_a.out_channels
@@ -174,7 +186,10 @@ class TwoStreamMatchingNetwork(MatchingNetwork):
         self.fusion = fusion
         self.pooling = pooling
         self.map_size = tuple(map_size)
-        self.fc = nn.Linear(channels * self.map_size[0] * self.map_size[1], fc_dim)
+        if embedding not in ("fc", "bnneck"):
+            raise ValueError(f"embedding must be 'fc' or 'bnneck', not {embedding!r}")
+        self.fc = (BNNeckEmbedding(channels) if embedding == "bnneck" else
+                   nn.Linear(channels * self.map_size[0] * self.map_size[1], fc_dim))
         self.channels = channels
         # The tail (pooling's out_proj, then the FC) is fused into one matrix for inference
         # only where that at least halves the work per pair: for wide hidden layers the fused
@@ -190,8 +205,18 @@ class TwoStreamMatchingNetwork(MatchingNetwork):
             self._fuse_tail = 2 * fused <= unfused
             self._fuse_tail_training = fused <= unfused
 
+    @property
+    def bnneck(self) -> bool:
+        return isinstance(self.fc, BNNeckEmbedding)
+
+    def embed(self, maps: torch.Tensor) -> torch.Tensor:
+        """conv5 maps ``(B, C, K1, K2)`` -> per-image embeddings ``(B, D)`` (F~ = 0)."""
+        if self.bnneck:
+            return self.fc(maps)
+        return self.fc(self._to_grid(maps).flatten(1))
+
     def _prepare(self, maps: torch.Tensor, embed) -> StreamFeatures:
-        return StreamFeatures(embed(maps), self.fc(self._to_grid(maps).flatten(1)))
+        return StreamFeatures(embed(maps), self.embed(maps))
 
     def prepare_probe(self, maps: torch.Tensor) -> StreamFeatures:
         """conv5 maps ``(B, C, K1, K2)`` -> the stream-A side of a pair."""
@@ -203,6 +228,14 @@ class TwoStreamMatchingNetwork(MatchingNetwork):
 
     def head_weights(self) -> HeadWeights:
         entry = compose_pointwise(self.fusion.projection, self.pooling.in_proj)
+        if self.bnneck:
+            # W F~ = scale * mean over cells of out_proj(core): one (C, c) map of the mean.
+            scale, out = self.fc.scale(), self.pooling.out_proj
+            if out is None:
+                return HeadWeights(entry, (torch.diag(scale), scale.new_zeros(scale.shape)),
+                                   True, True)
+            return HeadWeights(entry, (scale[:, None] * out.weight.flatten(1),
+                                       scale * out.bias), True, True)
         fc_w = self.fc.weight
         out = self.pooling.out_proj
         if out is None or not (self._fuse_tail_training if self.training else self._fuse_tail):
@@ -229,6 +262,9 @@ class TwoStreamMatchingNetwork(MatchingNetwork):
         if hw.entry is not None:
             x = F.linear(x, *hw.entry)
         x = self.pooling.core_last(x.reshape(p, h, w, x.shape[-1]))  # (P, H, W, c)
+        if hw.tail_mean:
+            joint = F.linear(x.mean(dim=(1, 2)), *hw.tail)
+            return F.cosine_similarity(probe.embedding - joint, gallery.embedding - joint, dim=1)
         if (h, w) != tuple(self.map_size):
             x = self._to_grid(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         tail_w, tail_b = hw.tail
@@ -246,8 +282,7 @@ class TwoStreamMatchingNetwork(MatchingNetwork):
         """The paper's equations step by step, nothing fused: aligned conv5 maps
         ``(P, C, K1, K2)`` x2 -> x_A, x_B ``(P, fc_dim)``. For checks and explanation."""
         joint = self.pooling(self.fusion(maps_a, maps_b))
-        return (self.fc(self._to_grid(maps_a - joint).flatten(1)),
-                self.fc(self._to_grid(maps_b - joint).flatten(1)))
+        return self.embed(maps_a - joint), self.embed(maps_b - joint)
 
 
 class FCCNN(MatchingNetwork):

@@ -1,10 +1,11 @@
-"""Convolutional trunks: an image batch ``(B, 3, H, W)`` to a conv5 map ``(B, C, H/16, W/16)``.
+"""Convolutional trunks: an image batch ``(B, 3, H, W)`` to a conv5 map ``(B, C, H/s, W/s)``.
 
-Every trunk has an overall stride of 16, so a 224x224 image gives a 14x14 map, a 256x128 image
-a 16x8 map and a 128x64 image an 8x4 map, whichever trunk is used. The VGG-style trunks end in a
-ReLU (conv5_3 + ReLU); the EfficientNet-Lite0 trunk ends on its linear bottleneck (see there).
-The (VGG-D, VGG-M) variant multiplies the two streams' maps location by location, which needs
-the grids to agree.
+Every trunk has an overall stride ``s`` of 16 (its ``stride``), so a 224x224 image gives a
+14x14 map, a 256x128 image a 16x8 map and a 128x64 image an 8x4 map; the whole
+EfficientNet-Lite0 (``cut="head"``) has a stride of 32. The VGG-style trunks end in a ReLU
+(conv5_3 + ReLU); the EfficientNet-Lite0 trunk cut at stride 16 ends on its linear bottleneck
+(see there). The (VGG-D, VGG-M) variant multiplies the two streams' maps location by
+location, which needs the grids to agree.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class VGG16Trunk(nn.Module):
     """
 
     out_channels = 512
+    stride = TRUNK_STRIDE
     family = "vgg16"
 
     def __init__(self) -> None:
@@ -55,6 +57,7 @@ class VGGMTrunk(nn.Module):
     """
 
     out_channels = 512
+    stride = TRUNK_STRIDE
     family = "vggm"
 
     def __init__(self) -> None:
@@ -93,6 +96,7 @@ class SmallTrunk(nn.Module):
             raise ValueError("SmallTrunk needs four stage widths (four stride-2 steps)")
         self.out_channels = out_channels
         self.family = f"small-{style}"
+        self.stride = TRUNK_STRIDE
 
         def block(cin: int, cout: int, kernel: int, stride: int) -> list[nn.Module]:
             return [nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False),
@@ -119,27 +123,36 @@ class SmallTrunk(nn.Module):
 
 
 class EfficientNetLite0Trunk(nn.Module):
-    """EfficientNet-Lite0 (timm's ``efficientnet_lite0``) cut after its stride-16 stage.
+    """EfficientNet-Lite0 (timm's ``efficientnet_lite0``), cut at stride 16 or kept whole.
 
-    ``(B, 3, H, W)`` -> ``(B, 112, H/16, W/16)``: the stem and stages 0-4 (``blocks[:5]``);
-    the two stride-32 stages and the 1280-channel head are left out, so a 256x128 crop keeps a
-    16x8 grid for the gate and the IRNNs ("where to match") instead of 8x4. Attribute names are
-    timm's (``conv_stem``, ``bn1``, ``blocks.N...``), so the ImageNet state dict loads by name
-    (:mod:`model.weights`). The last block ends on its linear bottleneck (no activation): the
-    ImageNet network's next layer reads it that way, and a ReLU would drop half its signal.
+    ``cut="stride16"``: ``(B, 3, H, W)`` -> ``(B, 112, H/16, W/16)``, the stem and blocks 0-4;
+    the last block ends on its linear bottleneck (no activation): the ImageNet network's next
+    layer reads it that way, and a ReLU would drop half its signal.
 
-    ``frozen_stages``: how many leading pieces of ``(stem, block 0, ..., block 4)`` keep their
+    ``cut="head"``: ``(B, 3, H, W)`` -> ``(B, 1280, H/32, W/32)``, every block and the
+    1280-channel ``conv_head`` with its batch norm and ReLU6: the layer ImageNet's classifier
+    reads, which is also what a re-id embedding pools (a 256x128 crop gives an 8x4 grid for
+    the gate and the IRNNs, the grid of the small model at 128x64).
+
+    Attribute names are timm's (``conv_stem``, ``bn1``, ``blocks.N...``, ``conv_head``,
+    ``bn2``), so the ImageNet state dict loads by name (:mod:`model.weights`).
+
+    ``frozen_stages``: how many leading pieces of ``(stem, block 0, block 1, ...)`` keep their
     weights and batch-norm statistics fixed in training (``train()`` leaves them in eval mode).
     With a small re-id set this keeps the ImageNet low-level filters and skips their backward
     pass, the costliest part of a CPU training step (high-resolution depthwise convolutions).
     """
 
-    out_channels = 112
     family = "efficientnet_lite0"
-    stages = 6  # the stem, then blocks 0-4
+    CUTS = {"stride16": (5, 16, 112), "head": (7, 32, 1280)}  # blocks kept, stride, channels
 
-    def __init__(self, frozen_stages: int = 0) -> None:
+    def __init__(self, frozen_stages: int = 0, cut: str = "stride16") -> None:
         super().__init__()
+        if cut not in self.CUTS:
+            raise ValueError(f"cut must be one of {sorted(self.CUTS)}, not {cut!r}")
+        blocks, self.stride, self.out_channels = self.CUTS[cut]
+        self.cut = cut
+        self.stages = 1 + blocks + (cut == "head")  # the stem, the blocks, the head conv
         if not 0 <= frozen_stages <= self.stages:
             raise ValueError(f"frozen_stages must be in 0..{self.stages}, not {frozen_stages}")
         try:
@@ -149,15 +162,22 @@ class EfficientNetLite0Trunk(nn.Module):
                               "'dsmi-reid[train]'") from exc
         full = timm.create_model("efficientnet_lite0", pretrained=False)
         self.conv_stem, self.bn1 = full.conv_stem, full.bn1
-        self.blocks = full.blocks[:5]
+        self.blocks = full.blocks[:blocks]
+        if cut == "head":
+            self.conv_head, self.bn2 = full.conv_head, full.bn2
         self.frozen_stages = frozen_stages
         for module in self._frozen_modules():
             for p in module.parameters():
                 p.requires_grad_(False)
 
-    def _frozen_modules(self) -> list[nn.Module]:
+    def _pieces(self) -> list[nn.Module]:
         pieces = [nn.ModuleList([self.conv_stem, self.bn1]), *self.blocks]
-        return pieces[:self.frozen_stages]
+        if self.cut == "head":
+            pieces.append(nn.ModuleList([self.conv_head, self.bn2]))
+        return pieces
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        return self._pieces()[:self.frozen_stages]
 
     def train(self, mode: bool = True) -> EfficientNetLite0Trunk:
         super().train(mode)
@@ -166,4 +186,7 @@ class EfficientNetLite0Trunk(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.bn1(self.conv_stem(images)))
+        x = self.blocks(self.bn1(self.conv_stem(images)))
+        if self.cut == "head":
+            x = self.bn2(self.conv_head(x))
+        return x

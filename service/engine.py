@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnxruntime as ort
 
+from model.calibration import Calibration, CalibrationError
 from model.formats import MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION
 from model.preprocess import ImageDecodeError, load_image_tensor
 
@@ -179,6 +180,12 @@ class Engine:
         self.mean = tuple(float(v) for v in m["mean"])
         self.std = tuple(float(v) for v in m["std"])
         self.map_shape: tuple[int, ...] = _shape(m["map_shape"], "map_shape")
+        try:
+            # The match probability fitted in training; a model without one reports none.
+            self.calibration: Calibration | None = (
+                Calibration.from_dict(m["calibration"]) if m.get("calibration") else None)
+        except CalibrationError as exc:
+            raise ModelFolderError(f"manifest: {exc}") from exc
         self.gallery_fields: tuple[str, ...] = tuple(m["fields"])
         self.probe_spec = {f: _shape(m["probe_fields"].get(f), f"probe_fields.{f}")
                            for f in self.gallery_fields}

@@ -101,6 +101,10 @@ class QueryResult(BaseModel):
     person_id: str
     camera_id: str
     score: float = Field(description="DSMI similarity (cosine, -1 to 1; higher is closer)")
+    probability: float | None = Field(
+        None, description="Probability that the probe and this image show the same person, "
+                          "at even prior odds (calibrated on identities held out of "
+                          "training); null when the model has no calibration")
 
 
 class QueryTimings(BaseModel):
@@ -184,6 +188,10 @@ class QueryForm(BaseModel):
                                                           "cameras (repeated)")
     exclude_cameras: list[Label] | None = Field(None, description="Leave out gallery images "
                                                                   "from these cameras")
+    min_probability: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="Only matches whose probability of being the same person is at least this "
+                    "(needs a calibrated model; fewer than top_k results may come back)")
     rerank: int | None = Field(
         None, ge=0, le=RERANK_MAX,
         description="Two-stage retrieval: rank the gallery by the per-image embeddings, then "

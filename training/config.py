@@ -81,7 +81,17 @@ class TrainConfig:
     flip: bool = True
     shift: tuple[int, int] = (5, 10)   # pixels: left/right, then up/down (paper at 224x224)
     patience: int = 5                  # epochs without a better validation mAP before stopping
-    pretrain_epochs: int = 0           # phase 1: FC-CNN identity-softmax fine-tuning of the trunk
+    pretrain_epochs: int = 0           # phase 1: the trunk and embedding as an identity
+                                       # classifier (FC-CNN softmax; with a BNNeck embedding,
+                                       # label-smoothed softmax + batch-hard triplet, P x K)
+    pretrain_lr: float | None = None   # phase 1's learning rate (None: lr)
+    pretrain_batch_size: int | None = None  # phase 1's batch (None: batch_size)
+    pretrain_minutes: float | None = None  # phase 1's own budget; phase 2 starts after it
+    warmup_epochs: int = 0             # linear warm-up at the start of each phase
+    label_smoothing: float = 0.0       # of the phase-1 identity softmax
+    triplet_margin: float = 0.3        # batch-hard triplet of a BNNeck phase 1
+    erasing: float = 0.0               # random erasing: probability per image (phase 1)
+    channels_last: bool = False        # the trunk in channels-last memory (faster on CPUs)
     init_from: str | None = None       # a dsmi checkpoint to start from (its tensors whose names
                                        # and shapes match), e.g. a CUHK03 model for VIPeR
     eval_every: int = 1
@@ -163,7 +173,19 @@ def validate_config(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, not {value}")
+    if not 0.0 <= t.erasing <= 1.0 or not 0.0 <= t.label_smoothing < 1.0:
+        raise ConfigError("train.erasing must be in [0, 1] and train.label_smoothing in [0, 1)")
+    for key, value in (("train.pretrain_lr", t.pretrain_lr),
+                       ("train.pretrain_minutes", t.pretrain_minutes)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key} must be positive, not {value}")
+    if t.pretrain_batch_size is not None and (
+            t.pretrain_batch_size <= 0 or t.pretrain_batch_size % t.instances_per_id):
+        raise ConfigError(f"train.pretrain_batch_size must be a positive multiple of "
+                          f"train.instances_per_id, not {t.pretrain_batch_size}")
     for key, value in {"train.epochs": t.epochs, "train.pretrain_epochs": t.pretrain_epochs,
+                       "train.warmup_epochs": t.warmup_epochs,
+                       "train.triplet_margin": t.triplet_margin,
                        "train.weight_decay": t.weight_decay, "data.val_ids": d.val_ids,
                        "data.num_workers": d.num_workers}.items():
         if value < 0:

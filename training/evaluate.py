@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .calibration import cross_camera_pairs, plot_reliability, read_calibration, reliability
 from .data.records import ImageRecord, by_split, identities
 from .metrics import rank_queries, single_shot
 
@@ -402,5 +403,16 @@ def evaluate_run(checkpoint: str | Path, data, out: str | Path, *, device: str =
                                             batch_size=batch_size, progress=progress)
     meta = {**meta, "model": model_info,
             "timing_s": {"distances": round(time.perf_counter() - t0, 3)}}
-    return evaluate_and_write(dist, queries, gallery, out, meta=meta, trials=trials, seed=seed,
-                              max_rank=max_rank, keep_pids=keep, ranked_queries=ranked_queries)
+    report = evaluate_and_write(dist, queries, gallery, out, meta=meta, trials=trials,
+                                seed=seed, max_rank=max_rank, keep_pids=keep,
+                                ranked_queries=ranked_queries)
+    calibration = read_calibration(checkpoint)
+    if calibration is not None:
+        # How well the held-out fit's probabilities hold on this test set.
+        (q_pids, q_cams), (g_pids, g_cams) = _ids(queries), _ids(gallery)
+        scores, same = cross_camera_pairs(dist, q_pids, g_pids, q_cams, g_cams)
+        table = reliability(calibration.probability(scores), same)
+        report["calibration"] = {**calibration.to_dict(), **table}
+        plot_reliability(table, Path(out) / "reliability.png")
+        write_report(report, Path(out) / "report.json")
+    return report

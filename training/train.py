@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import yaml
 from torch.utils.data import DataLoader
 
-from model import FCCNN, binomial_deviance, build_model
+from model import FCCNN, batch_hard_triplet, binomial_deviance, build_model
 from model.checkpoint import read_checkpoint, save_checkpoint
 from model.network import MatchingNetwork
 
@@ -28,7 +28,7 @@ from .config import Config, validate_config
 from .data.dataset import ReIDImages
 from .data.records import relabel
 from .data.sampling import IdentityBatchSampler, RandomBatchSampler
-from .data.transforms import FlipShift
+from .data.transforms import FlipShift, RandomErasing
 from .inference import distance_matrix
 from .protocols import DataSplits, prepare_data
 
@@ -46,6 +46,8 @@ class TrainState:
     elapsed_s: float = 0.0         # training wall time, carried across resumes
     history: list[dict] = field(default_factory=list)
     stopped: str = ""              # why training ended: "epochs", "early_stop", "budget"
+    phase_started_s: float = 0.0   # elapsed_s when the current phase began
+    phase_start_epoch: int = 0     # epochs completed when the current phase began
 
 
 class Trainer:
@@ -70,6 +72,15 @@ class Trainer:
             overrides.setdefault("num_classes", len(self.pid_map))
         self.net: MatchingNetwork = build_model(cfg.model.variant, **overrides).to(self.device)
         self.softmax_only = isinstance(self.net, FCCNN)
+        # A BNNeck network trains in the field's two phases: the trunk and embedding as a re-id
+        # embedding (identity softmax + batch-hard triplet), then the pair head alone on the
+        # fixed trunk's cached maps (binomial deviance).
+        self.bnneck = bool(getattr(self.net, "bnneck", False))
+        self._maps: torch.Tensor | None = None  # phase 2 of a BNNeck net: (views, N, C, H, W)
+        if self.bnneck:
+            self._zero_head_output()
+        if t.channels_last:
+            self.net.to(memory_format=torch.channels_last)
         self.init_report = self._init_from(t.init_from) if t.init_from else None
         self.state = TrainState(phase="main" if t.pretrain_epochs == 0 or self.softmax_only
                                 else "pretrain")
@@ -99,15 +110,32 @@ class Trainer:
                 "loaded": len(picked), "kept_random": sorted(set(own) - set(picked))}
 
     def _phase_model(self) -> torch.nn.Module:
-        """What the current phase optimises: the FC-CNN around the trunk(s), or the network."""
+        """What the current phase optimises: the FC-CNN around the trunk(s) (with a BNNeck:
+        the trunk, the embedding and an identity classifier), or the network."""
         if self.state.phase == "pretrain":
             if not hasattr(self, "_pretrain_heads"):
                 n = len(self.pid_map)
-                self._pretrain_heads = torch.nn.ModuleList(
-                    FCCNN(trunk, self.net.map_size, self.net.fc.out_features, n)
-                    for trunk in self.net.trunks).to(self.device)
+                if self.bnneck:
+                    classifier = torch.nn.Linear(self.net.fc.out_features, n, bias=False)
+                    torch.nn.init.normal_(classifier.weight, std=0.001)
+                    self._pretrain_heads = torch.nn.ModuleList([classifier]).to(self.device)
+                else:
+                    self._pretrain_heads = torch.nn.ModuleList(
+                        FCCNN(trunk, self.net.map_size, self.net.fc.out_features, n)
+                        for trunk in self.net.trunks).to(self.device)
+            if self.bnneck:
+                return torch.nn.ModuleList([self.net.trunks, self.net.fc, self._pretrain_heads])
             return self._pretrain_heads
         return self.net
+
+    @torch.no_grad()
+    def _zero_head_output(self) -> None:
+        """F~ = 0: the network scores by its per-image embeddings alone until the head learns
+        (the pooling's last projection at zero)."""
+        out = self.net.pooling.out_proj
+        if out is not None:
+            out.weight.zero_()
+            out.bias.zero_()
 
     @torch.no_grad()
     def _start_from_pretrained(self) -> None:
@@ -117,11 +145,49 @@ class Trainer:
         is FC-CNN's cosine, and binomial deviance refines it from there. The paper copies only
         the convolutions; starting the head at zero keeps phase 1's matching quality instead
         of a random head's."""
-        self.net.fc.load_state_dict(self._pretrain_heads[0].fc.state_dict())
-        out = self.net.pooling.out_proj
-        if out is not None:
-            out.weight.zero_()
-            out.bias.zero_()
+        if self.bnneck:
+            # The best phase-1 epoch (held-out mAP), not the last, carries on into phase 2.
+            best = self.out / "best.pt"
+            if best.is_file():
+                self.net.load_state_dict(read_checkpoint(best, map_location=self.device)
+                                         ["state_dict"])
+        else:
+            self.net.fc.load_state_dict(self._pretrain_heads[0].fc.state_dict())
+        self._zero_head_output()
+
+    def _fix_embedding(self) -> None:
+        """Phase 2 of a BNNeck net: the trunk and embedding stay as phase 1 left them."""
+        for module in (self.net.trunks, self.net.fc):
+            module.eval()
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+    @torch.no_grad()
+    def _cache_maps(self, dataset: ReIDImages) -> torch.Tensor:
+        """conv5 maps of every training image and its mirror image, float16, computed once:
+        with the trunk fixed, phase 2 needs no trunk pass per step."""
+        self.net.eval()
+        views = []
+        for flip in (False, True):
+            indices = range(0, len(dataset), 64)
+            if self.progress:
+                from tqdm import tqdm
+                indices = tqdm(indices, desc=f"cache maps{' (mirrored)' if flip else ''}",
+                               unit="batch", leave=False)
+            chunks = []
+            for start in indices:
+                images = torch.stack([dataset[i][0] for i in
+                                      range(start, min(start + 64, len(dataset)))])
+                images = images.flip(-1) if flip else images
+                chunks.append(self.net.encode(self._to_device(images)).to(torch.float16).cpu())
+            views.append(torch.cat(chunks))
+        return torch.stack(views)
+
+    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        if self.cfg.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
 
     def _param_groups(self) -> list[dict]:
         """Four groups: trunk or not (``train.trunk_lr_mult`` scales the trunk's learning
@@ -140,6 +206,8 @@ class Trainer:
 
     def _build_phase(self) -> None:
         t = self.cfg.train
+        if self.bnneck and self.state.phase == "main":
+            self._fix_embedding()
         params = self._param_groups()
         if t.optimizer == "adam":
             self.optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
@@ -151,10 +219,12 @@ class Trainer:
         elif t.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum,
                                              weight_decay=t.weight_decay, nesterov=True)
-        self.base_lr = t.lr
+        self.base_lr = t.pretrain_lr if self.state.phase == "pretrain" and t.pretrain_lr \
+            else t.lr
         # Augmentation runs on whole batches on the training device (FlipShift), so the
         # loader's workers only decode, and a GPU is not left waiting on per-image CPU work.
         self.augment = FlipShift(t.flip, t.shift)
+        self.erase = RandomErasing(t.erasing if self.state.phase == "pretrain" else 0.0)
         if hasattr(self, "loader"):
             dataset = self.loader.dataset  # keep the image cache across phases
         else:
@@ -165,12 +235,20 @@ class Trainer:
                 # filling its own copy.
                 dataset.preload(progress=self.progress)
         pids = [r.pid for r in self.train_records]
+        if self.bnneck and self.state.phase == "main":
+            if self._maps is None:
+                self._maps = self._cache_maps(dataset)
         # P x K exists to give the pair loss positives; an identity softmax (phase 1, FC-CNN)
-        # learns from every image, so it keeps the paper's random batches.
-        if t.sampler == "random" or self.state.phase == "pretrain" or self.softmax_only:
-            sampler = RandomBatchSampler(len(dataset), t.batch_size, t.seed)
+        # learns from every image, so it keeps the paper's random batches (the triplet of a
+        # BNNeck phase 1 needs positives too).
+        pk_pretrain = self.bnneck and self.state.phase == "pretrain"
+        batch_size = t.pretrain_batch_size if self.state.phase == "pretrain" and \
+            t.pretrain_batch_size else t.batch_size
+        if t.sampler == "random" or (self.state.phase == "pretrain" and not pk_pretrain) \
+                or self.softmax_only:
+            sampler = RandomBatchSampler(len(dataset), batch_size, t.seed)
         else:
-            sampler = IdentityBatchSampler(pids, t.batch_size, t.instances_per_id, t.seed)
+            sampler = IdentityBatchSampler(pids, batch_size, t.instances_per_id, t.seed)
         workers = self.cfg.data.num_workers
         self.loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                  pin_memory=self.device.type == "cuda",
@@ -193,21 +271,34 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------
 
-    def _loss(self, images: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
+    def _loss(self, images: torch.Tensor | None, pids: torch.Tensor,
+              indices: torch.Tensor | None = None) -> torch.Tensor:
         t = self.cfg.train
         # bf16 autocast runs convolutions and matrix products in bfloat16 (weights and the loss
         # stay float32): 2.6x faster for the small trunk on this machine's AVX512-BF16 CPU.
         with torch.autocast(self.device.type, dtype=torch.bfloat16,
                             enabled=t.precision == "bf16"):
-            if self.state.phase == "pretrain":
+            if self.state.phase == "pretrain" and self.bnneck:
+                pooled = self.net.fc.pooled(self.net.encode(images))
+                logits = self._pretrain_heads[0](self.net.fc.bn(pooled.float()))
+                return (F.cross_entropy(logits.float(), pids,
+                                        label_smoothing=t.label_smoothing)
+                        + batch_hard_triplet(pooled.float(), pids, t.triplet_margin))
+            if self._maps is not None:
+                # A random view (mirrored or not) of each image's cached map.
+                views = torch.randint(self._maps.shape[0], (len(indices),))
+                maps = self._maps[views, indices].to(self.device).float()
+                sim = self.net.similarity_matrix_of_maps(maps, maps).float()
+            elif self.state.phase == "pretrain":
                 return sum(F.cross_entropy(head.logits(images).float(), pids)
                            for head in self._pretrain_heads)
-            if self.softmax_only:
+            elif self.softmax_only:
                 return F.cross_entropy(self.net.logits(images).float(), pids)
-            sim = self.net.similarity_matrix(images).float()
+            else:
+                sim = self.net.similarity_matrix(images).float()
         n = len(pids)
         same = pids[:, None] == pids[None, :]
-        off_diagonal = ~torch.eye(n, dtype=torch.bool, device=images.device)
+        off_diagonal = ~torch.eye(n, dtype=torch.bool, device=self.device)
         return binomial_deviance(sim, same, t.alpha, t.beta, valid=off_diagonal)
 
     # -- validation --------------------------------------------------------------------
@@ -216,7 +307,10 @@ class Trainer:
         from .metrics import evaluate_ranking
 
         queries, gallery = self.data.val_queries, self.data.val_gallery
-        dist = distance_matrix(self.net, queries, gallery, device=self.device)
+        # Phase 1 of a BNNeck net trains the embedding alone: it is what is measured.
+        embedding_only = self.bnneck and self.state.phase == "pretrain"
+        dist = distance_matrix(self.net, queries, gallery, device=self.device,
+                               embedding_only=embedding_only)
         cmc, mean_ap = evaluate_ranking(
             dist, [r.pid for r in queries], [r.pid for r in gallery],
             [r.camid for r in queries], [r.camid for r in gallery], max_rank=20)
@@ -242,25 +336,36 @@ class Trainer:
         further, so that a budget-limited run still ends its schedule at the small LR."""
         t = self.cfg.train
         epochs = t.pretrain_epochs if self.state.phase == "pretrain" else t.epochs
-        done = (self.state.epoch - self._phase_start_epoch()) * len(self.loader.batch_sampler)
-        done += self._batch_in_epoch
-        by_steps = done / max(epochs * len(self.loader.batch_sampler), 1)
+        by_steps = self._phase_steps_done() / max(epochs * len(self.loader.batch_sampler), 1)
         by_time = 0.0
+        now = self.state.elapsed_s + time.time() - started
+        began = self.state.phase_started_s
         if t.max_minutes:
-            by_time = (self.state.elapsed_s + time.time() - started) / (t.max_minutes * 60)
+            # The share of the budget this phase had left when it began.
+            by_time = (now - began) / max(t.max_minutes * 60 - began, 1e-9)
+        if self.state.phase == "pretrain" and t.pretrain_minutes:
+            by_time = max(by_time, (now - self.state.phase_started_s) / (t.pretrain_minutes * 60))
         return min(max(by_steps, by_time), 1.0)
 
-    def _phase_start_epoch(self) -> int:
-        t = self.cfg.train
-        return 0 if self.state.phase == "pretrain" or self.softmax_only else t.pretrain_epochs
+    def _phase_steps_done(self) -> int:
+        return ((self.state.epoch - self.state.phase_start_epoch)
+                * len(self.loader.batch_sampler) + self._batch_in_epoch)
 
     def _set_lr(self, started: float) -> None:
         lr = self.base_lr
         if self.cfg.train.schedule == "cosine":
             floor = 0.01 * lr
             lr = floor + (lr - floor) * 0.5 * (1 + math.cos(math.pi * self._progress(started)))
+        warmup = self.cfg.train.warmup_epochs * len(self.loader.batch_sampler)
+        if warmup and self._phase_steps_done() < warmup:
+            lr *= (self._phase_steps_done() + 1) / warmup
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
+
+    def _pretrain_over_budget(self, started: float) -> bool:
+        budget = self.cfg.train.pretrain_minutes
+        spent = self.state.elapsed_s + time.time() - started - self.state.phase_started_s
+        return self.state.phase == "pretrain" and budget is not None and spent > budget * 60
 
     def _over_budget(self, started: float) -> bool:
         budget = self.cfg.train.max_minutes
@@ -296,19 +401,27 @@ class Trainer:
         model.train()
         sampler = self.loader.batch_sampler
         sampler.set_epoch(self.state.epoch)
-        batches = iter(self.loader)
+        if self._maps is not None:  # phase 2 on cached maps: no image is read
+            all_pids = torch.tensor([r.pid for r in self.train_records])
+            batches = ((None, all_pids[idx], None, torch.tensor(idx)) for idx in sampler)
+        else:
+            batches = iter(self.loader)
         if self.progress:
             from tqdm import tqdm
             batches = tqdm(batches, total=len(sampler), unit="batch", dynamic_ncols=True,
                            desc=f"{self.state.phase} epoch {self.state.epoch + 1}")
+        if self.bnneck and self.state.phase == "main":
+            self._fix_embedding()  # model.train() above switched its norms back on
         losses = []
-        over_budget = False
+        over_budget = phase_over = False
         self._batch_in_epoch = 0
-        for images, pids, _cams, _idx in batches:
+        for images, pids, _cams, indices in batches:
             self._set_lr(started)
-            images = self.augment(images.to(self.device, non_blocking=True))
+            step_started = time.time()
+            if images is not None:
+                images = self.erase(self.augment(self._to_device(images)))
             pids = pids.to(self.device, non_blocking=True)
-            loss = self._loss(images, pids)
+            loss = self._loss(images, pids, indices)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at step {self.state.step}")
             self.optimizer.zero_grad(set_to_none=True)
@@ -318,16 +431,21 @@ class Trainer:
             self._batch_in_epoch += 1
             losses.append(loss.item())
             if self.progress:
-                batches.set_postfix(loss=f"{losses[-1]:.4f}")
+                rate = len(pids) / max(time.time() - step_started, 1e-9)
+                batches.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{rate:.1f}")
             if self._over_budget(started):
                 over_budget = True
+                break
+            if self._pretrain_over_budget(started):
+                phase_over = True
                 break
         self.state.epoch += 1
         record = {"epoch": self.state.epoch, "phase": self.state.phase,
                   "loss": sum(losses) / max(len(losses), 1), "batches": len(losses),
                   "lr": self.optimizer.param_groups[0]["lr"]}
         improved = False
-        if self.state.phase == "main" and self.state.epoch % t.eval_every == 0:
+        validates = self.state.phase == "main" or self.bnneck
+        if validates and (self.state.epoch % t.eval_every == 0 or phase_over):
             record.update(self.validate())
             improved = record["val_map"] > self.state.best_map
             if improved:
@@ -343,23 +461,26 @@ class Trainer:
             shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
             print(json.dumps(shown), flush=True)
 
-        phase_epochs = t.pretrain_epochs if self.state.phase == "pretrain" else \
-            t.pretrain_epochs * (not self.softmax_only) + t.epochs
+        phase_epochs = t.pretrain_epochs if self.state.phase == "pretrain" else t.epochs
+        phase_done = self.state.epoch - self.state.phase_start_epoch >= phase_epochs
+        if improved:  # before a phase switch, which starts phase 2 from best.pt
+            self._checkpoint("best.pt")
         if over_budget:
             self.state.stopped = "budget"
         elif self.state.phase == "main" and self.state.stale >= t.patience:
             self.state.stopped = "early_stop"
-        elif self.state.epoch >= phase_epochs:
-            if self.state.phase == "pretrain":
-                self._start_from_pretrained()
-                self.state.phase = "main"
-                del self._pretrain_heads
-                self._build_phase()
-            else:
-                self.state.stopped = "epochs"
+        elif self.state.phase == "pretrain" and (
+                phase_done or phase_over or (self.bnneck and self.state.stale >= t.patience)):
+            self._start_from_pretrained()
+            self.state.phase = "main"
+            self.state.phase_started_s = self.state.elapsed_s
+            self.state.phase_start_epoch = self.state.epoch
+            self.state.stale = 0
+            del self._pretrain_heads
+            self._build_phase()
+        elif phase_done:
+            self.state.stopped = "epochs"
         self._checkpoint("last.pt")
-        if improved:
-            self._checkpoint("best.pt")
         if self.state.stopped and not (self.out / "best.pt").exists():
             self._checkpoint("best.pt")  # e.g. a budget hit before the first validation
 

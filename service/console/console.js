@@ -288,6 +288,8 @@ async function runQuery() {
   const form = new FormData();
   form.append("image", state.probe, state.probe.name);
   form.append("top_k", $("top-k").value || "10");
+  const minProbability = $("min-probability").value.trim();
+  if (minProbability) form.append("min_probability", minProbability);
   const camera = $("probe-camera").value.trim();
   if (camera) form.append("camera_id", camera);
   if ($("exclude-same").checked) form.append("exclude_same_camera", "true");
@@ -296,7 +298,12 @@ async function runQuery() {
   try {
     const body = await (await api(galleryPath(state.gallery, "query"), { method: "POST", body: form })).json();
     $("results").replaceChildren(...body.results.map((r) => {
-      const li = card(state.gallery, r, { rank: `#${r.rank}`, score: r.score.toFixed(3) });
+      const extra = { rank: `#${r.rank}`, score: r.score.toFixed(3) };
+      // The calibrated chance of a match: what an operator thresholds on.
+      if (r.probability !== null && r.probability !== undefined) {
+        extra.probability = `p ${(100 * r.probability).toFixed(0)}%`;
+      }
+      const li = card(state.gallery, r, extra);
       if (person && r.person_id === person) {
         li.classList.add("match");
         li.dataset.match = "1";

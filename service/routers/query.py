@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Annotated
 
+import numpy as np
 from fastapi import APIRouter, Depends
 
 from ..deps import get_cache, get_engine, get_metrics, get_settings, get_store
@@ -51,6 +52,10 @@ def query_gallery(gallery: GalleryName, form: Annotated[QueryForm, MULTIPART],
     if form.exclude_same_camera and form.camera_id is None:
         raise ServiceError(422, "validation_error",
                            "exclude_same_camera needs the probe's camera_id")
+    if form.min_probability is not None and engine.calibration is None:
+        raise ServiceError(422, "validation_error",
+                           "min_probability needs a calibrated model; this one has none "
+                           "(export it with a calibration.json)")
     size = store.gallery_size(gallery)
     if size is None:
         raise ServiceError(404, "gallery_not_found", f"no gallery named {gallery!r}",
@@ -67,9 +72,15 @@ def query_gallery(gallery: GalleryName, form: Annotated[QueryForm, MULTIPART],
     for stage, seconds in (("encode", encode_s), ("fetch", outcome.fetch_s),
                            ("shortlist", outcome.shortlist_s), ("score", outcome.score_s)):
         metrics.query_stage.labels(stage).observe(seconds)
+    scores = np.array([score for _, score in outcome.ranked], dtype=np.float64)
+    probabilities = (engine.calibration.probability(scores).tolist()
+                     if engine.calibration is not None else [None] * len(scores))
     results = [QueryResult(rank=r, image_id=item.image_id, person_id=item.person_id,
-                           camera_id=item.camera_id, score=score)
-               for r, (item, score) in enumerate(outcome.ranked, start=1)]
+                           camera_id=item.camera_id, score=score,
+                           probability=None if p is None or p != p else round(p, 6))
+               for r, ((item, score), p) in enumerate(zip(outcome.ranked, probabilities,
+                                                          strict=True), start=1)
+               if form.min_probability is None or (p is not None and p >= form.min_probability)]
     return QueryResponse(
         gallery=gallery, model_id=engine.model_id, top_k=form.top_k, gallery_size=size,
         scored=outcome.scored, rescored=outcome.rescored, rerank=outcome.rerank,

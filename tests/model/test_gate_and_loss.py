@@ -97,3 +97,18 @@ def test_valid_mask_and_missing_kinds():
     assert only_negatives == pytest.approx(math.log(1 + math.exp(2 * (0 - 0.5))), rel=1e-6)
     with pytest.raises(ValueError, match="shape"):
         binomial_deviance(sim, same[:1])
+
+
+def test_batch_hard_triplet_takes_the_hardest_pairs():
+    from model import batch_hard_triplet
+
+    # Two people on a line: anchor 0's farthest positive is at 3, its nearest negative at 2.
+    x = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
+    pids = torch.tensor([0, 0, 1, 0])
+    loss = batch_hard_triplet(x, pids, margin=0.5)
+    # anchors 0, 1, 3 (person 0): d_ap 3, 2, 3; d_an 2, 1, 1 -> relu(1.5), relu(1.5), relu(2.5)
+    # anchor 2 (person 1) has no positive and is left out.
+    assert loss.item() == pytest.approx((1.5 + 1.5 + 2.5) / 3)
+    assert batch_hard_triplet(x, torch.tensor([0, 1, 2, 3])).item() == 0.0
+    far = torch.tensor([[0.0], [0.1], [9.0], [9.1]])
+    assert batch_hard_triplet(far, torch.tensor([0, 0, 1, 1]), margin=0.3).item() == 0.0

@@ -262,3 +262,55 @@ def test_loader_workers_share_the_preloaded_cache(tiny_manifest, tmp_path):
     trainer.augment = Spy()
     summary = trainer.fit()
     assert summary["epochs"] == 1 and seen and all(s[0] > 1 for s in seen)
+
+
+def bnneck_overrides(manifest, **extra):
+    return tiny_overrides(manifest, **{
+        "model.variant": "dsmi-lite0-bnneck", "model.overrides": "{weights: null, "
+        "input_size: [64, 32]}", "train.optimizer": "adamw", "train.sampler": "pk",
+        "train.pretrain_epochs": 2, "train.pretrain_batch_size": 16, "train.warmup_epochs": 1,
+        "train.label_smoothing": 0.1, "train.erasing": 0.5, "train.channels_last": True,
+        "train.lr": 0.01, **extra})
+
+
+def test_bnneck_trains_the_embedding_then_the_head_alone_on_cached_maps(tiny_manifest,
+                                                                       tmp_path):
+    cfg = load_config("configs/cpu-bnneck.yaml", bnneck_overrides(tiny_manifest))
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    assert trainer.bnneck and trainer.state.phase == "pretrain"
+    assert trainer.loader.batch_sampler.ids_per_batch == 4  # P x K in phase 1 too
+    start = {k: v.clone() for k, v in trainer.net.state_dict().items()}
+    switched = {}
+    original = trainer._start_from_pretrained
+
+    def spy():
+        original()
+        switched.update({k: v.clone() for k, v in trainer.net.state_dict().items()})
+    trainer._start_from_pretrained = spy
+    trainer.fit()
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in log] == ["pretrain", "pretrain", "main", "main"]
+    assert all("val_map" in r for r in log)  # phase 1 is validated (embedding only)
+    end = trainer.net.state_dict()
+    trunk_keys = [k for k in end if k.startswith(("trunks.", "fc."))]
+    head_keys = [k for k in end if k.startswith(("fusion.", "pooling."))]
+    # Phase 1 moved the trunk and left the head alone (its output projection at zero) ...
+    assert any(not torch.equal(start[k], switched[k]) for k in trunk_keys if "weight" in k)
+    assert all(torch.equal(start[k], switched[k]) for k in head_keys)
+    assert not switched["pooling.layers.1.out_conv.weight"].any()
+    # ... phase 2 moved the head only.
+    assert all(torch.equal(switched[k], end[k]) for k in trunk_keys)
+    assert end["pooling.layers.1.out_conv.weight"].abs().sum() > 0
+    n = len(trainer.train_records)
+    assert trainer._maps.shape == (2, n, 1280, 2, 1) and trainer._maps.dtype == torch.float16
+    net, _ = load_checkpoint(tmp_path / "best.pt")
+    assert net.variant == "dsmi-lite0-bnneck"
+
+
+def test_bnneck_phase_one_ends_on_its_own_budget(tiny_manifest, tmp_path):
+    cfg = load_config("configs/cpu-bnneck.yaml", bnneck_overrides(tiny_manifest, **{
+        "train.pretrain_epochs": 50, "train.pretrain_minutes": 1e-6, "train.epochs": 1}))
+    Trainer(cfg, tmp_path, progress=False).fit()
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in log] == ["pretrain", "main"]
+    assert log[0]["batches"] == 1  # stopped after the batch that spent the budget

@@ -123,3 +123,21 @@ def test_identity_batches_hold_k_images_of_p_people():
     for batch in batches:
         counts = Counter(pids[i] for i in batch)
         assert len(counts) == 8 and set(counts.values()) == {4}
+
+
+def test_random_erasing_blanks_one_rectangle_per_chosen_image():
+    import torch
+
+    from training.data.transforms import RandomErasing
+
+    images = torch.ones(6, 3, 32, 16)
+    out = RandomErasing(p=1.0, generator=torch.Generator().manual_seed(0))(images)
+    assert torch.equal(images, torch.ones(6, 3, 32, 16))  # the input is left alone
+    for k in range(6):
+        zero = out[k, 0] == 0
+        assert zero.any() and torch.equal(out[k, 0] == 0, out[k, 2] == 0)
+        rows, cols = zero.nonzero(as_tuple=True)
+        box = zero[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert box.all()  # one solid rectangle
+        assert 0.02 * 512 * 0.5 <= zero.sum() <= 0.4 * 512 * 1.5
+    assert torch.equal(RandomErasing(p=0.0)(images), images)

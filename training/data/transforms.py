@@ -6,10 +6,12 @@ the loader only has to deliver images.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["shift_image", "FlipShift"]
+__all__ = ["shift_image", "FlipShift", "RandomErasing"]
 
 
 def shift_image(image: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
@@ -57,4 +59,34 @@ class FlipShift:
                 continue
             index = ((dx == sx) & (dy == sy)).nonzero()[:, 0].to(images.device)
             out = out.index_copy(0, index, shift_image(images.index_select(0, index), sx, sy))
+        return out
+
+
+class RandomErasing:
+    """Random erasing (Zhong et al. 2020) on a batch ``(B, 3, H, W)``: with probability ``p``
+    per image, one rectangle of 2-40% of its area and aspect ratio 0.3-3.3 is set to 0 (the
+    normalised mean colour). Draws come from ``generator`` on the CPU."""
+
+    def __init__(self, p: float = 0.5, area: tuple[float, float] = (0.02, 0.4),
+                 ratio: tuple[float, float] = (0.3, 3.3),
+                 generator: torch.Generator | None = None) -> None:
+        self.p, self.area, self.ratio, self.generator = p, area, ratio, generator
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.p <= 0:
+            return images
+        n, _, h, w = images.shape
+        u = torch.rand(n, 5, generator=self.generator)
+        out = images.clone()
+        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        for k in range(n):
+            if u[k, 0] >= self.p:
+                continue
+            area = h * w * (self.area[0] + (self.area[1] - self.area[0]) * u[k, 1].item())
+            aspect = math.exp(log_lo + (log_hi - log_lo) * u[k, 2].item())
+            eh = min(h, max(1, round(math.sqrt(area * aspect))))
+            ew = min(w, max(1, round(math.sqrt(area / aspect))))
+            top = int(u[k, 3].item() * (h - eh + 1))
+            left = int(u[k, 4].item() * (w - ew + 1))
+            out[k, :, top:top + eh, left:left + ew] = 0
         return out

@@ -1,0 +1,80 @@
+"""The whole-Lite0 trunk and the BNNeck embedding: shapes, frozen stages, and the fused pair
+head equal to the paper's equations step by step."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import build_model
+from model.embedding import BNNeckEmbedding
+from model.trunks import EfficientNetLite0Trunk
+
+SMALL = {"weights": None, "input_size": (64, 32)}
+
+
+def test_head_cut_is_stride_32_with_1280_channels_and_freezes_leading_stages():
+    trunk = EfficientNetLite0Trunk(frozen_stages=2, cut="head")
+    assert (trunk.stride, trunk.out_channels, trunk.stages) == (32, 1280, 9)
+    assert trunk(torch.randn(2, 3, 64, 32)).shape == (2, 1280, 2, 1)
+    frozen = [trunk.conv_stem, trunk.bn1, trunk.blocks[0]]
+    assert all(not p.requires_grad for m in frozen for p in m.parameters())
+    assert all(p.requires_grad for p in trunk.blocks[1].parameters())
+    trunk.train()
+    assert not trunk.blocks[0].training and trunk.blocks[1].training
+    with pytest.raises(ValueError, match="frozen_stages"):
+        EfficientNetLite0Trunk(frozen_stages=10, cut="head")
+    with pytest.raises(ValueError, match="cut"):
+        EfficientNetLite0Trunk(cut="stride8")
+
+
+def test_bnneck_variant_builds_an_8x4_grid_at_256x128():
+    net = build_model("dsmi-lite0-bnneck", weights=None)
+    assert net.map_size == (8, 4) and net.input_size == (256, 128)
+    assert isinstance(net.fc, BNNeckEmbedding) and net.fc.out_features == 1280
+    with pytest.raises(ValueError, match="multiple of 32"):
+        build_model("dsmi-lite0-bnneck", weights=None, input_size=(48, 32))
+
+
+@pytest.mark.parametrize("name", ["dsmi-lite0-bnneck", "dsmi-gap-lite0-bnneck",
+                                  "mi-spp-lite0-bnneck", "bcnn-irnn-lite0-bnneck"])
+def test_fused_scores_equal_the_equations_step_by_step(name):
+    torch.manual_seed(0)
+    net = build_model(name, **SMALL)
+    with torch.no_grad():  # a trained-looking norm and a live head
+        net.fc.bn.running_mean.normal_()
+        net.fc.bn.running_var.uniform_(0.5, 2.0)
+        net.fc.bn.weight.uniform_(0.5, 1.5)
+        out = net.pooling.out_proj
+        if out is not None:
+            out.weight.normal_(std=0.05)
+    net.eval()
+    images = torch.randn(5, 3, 64, 32)
+    with torch.no_grad():
+        maps = net.encode(images)
+        scores = net.score(maps[:1], maps)
+        a, b = net.pair_representations(maps[:1].expand_as(maps), maps)
+        reference = F.cosine_similarity(a, b)
+        matrix = net.similarity_matrix(images)
+    torch.testing.assert_close(scores, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(matrix[0], reference, atol=1e-5, rtol=1e-5)
+
+
+def test_zero_head_scores_by_the_embeddings_cosine():
+    torch.manual_seed(1)
+    net = build_model("dsmi-lite0-bnneck", **SMALL).eval()
+    with torch.no_grad():
+        net.pooling.out_proj.weight.zero_()
+        net.pooling.out_proj.bias.zero_()
+        maps = net.encode(torch.randn(4, 3, 64, 32))
+        emb = net.embed(maps)
+        torch.testing.assert_close(net.score(maps[:1], maps),
+                                   F.cosine_similarity(emb[:1], emb), atol=1e-6, rtol=1e-6)
+
+
+def test_bnneck_has_no_shift_and_pools_before_the_norm():
+    neck = BNNeckEmbedding(8).eval()
+    assert not neck.bn.bias.requires_grad
+    maps = torch.randn(3, 8, 4, 2)
+    torch.testing.assert_close(neck.pooled(maps), maps.mean((2, 3)))
+    torch.testing.assert_close(neck(maps), neck.scale() * (maps.mean((2, 3))
+                                                           - neck.bn.running_mean))
