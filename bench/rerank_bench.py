@@ -145,14 +145,14 @@ def evaluate_two_stage(stage_one: np.ndarray, stage_two: np.ndarray, rerank: Rer
     same generator and the same function as ``single_shot`` (``default_rng(seed)``, then
     :func:`training.metrics.draw_single_shot_gallery` once per trial: the same galleries as
     ``dsmi evaluate``), the two-stage distances computed within each drawn gallery, and each
-    trial scored by :func:`training.evaluate.evaluate_distances` on that gallery (its
+    trial scored by :func:`training.report.evaluate_distances` on that gallery (its
     ``all-gallery`` protocol on the drawn gallery is exactly one single-shot trial); the
     trials are then averaged as ``single_shot`` averages them. ``tests/bench/test_rerank_bench.py``
     checks that this matches ``evaluate_distances``' own single-shot figures where the
     ranking does not depend on the gallery (rerank 0 and exhaustive).
     """
-    from training.evaluate import evaluate_distances
     from training.metrics import draw_single_shot_gallery
+    from training.report import evaluate_distances
 
     stage_one, stage_two = np.asarray(stage_one), np.asarray(stage_two)
     g_pids = np.asarray([r.pid for r in gallery], dtype=np.int64)

@@ -7,13 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from training.evaluate import (
-    DATASETS,
-    checkpoint_distances,
-    evaluate_and_write,
-    format_report,
-    load_eval_data,
-)
+from training.evaluate import DATASETS, checkpoint_distances, evaluate_and_write, load_eval_data
+from training.report import format_report
 
 __all__ = ["configure", "run"]
 

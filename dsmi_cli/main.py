@@ -65,6 +65,9 @@ def missing_extra_message(command: str, exc: ModuleNotFoundError) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``dsmi`` program (``argv=None``: the command line) or a call from Python with an
+    argument list; only the program re-executes itself under a caching allocator."""
+    as_program = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
     try:
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.command:
             parser.print_help()
             return 2
-        if args.command in ALLOCATOR_COMMANDS:
+        if as_program and args.command in ALLOCATOR_COMMANDS:
             from .allocator import ensure_caching_allocator
             ensure_caching_allocator(args.command, argv)
         return int(import_module(args._module).run(args) or 0)

@@ -7,7 +7,7 @@ import numpy as np
 from model.calibration import Calibration
 
 __all__ = ["fit_platt", "pair_weights", "reliability", "cross_camera_pairs", "CALIBRATION_FILE",
-           "calibrate_checkpoint", "read_calibration", "plot_reliability"]
+           "calibrate_checkpoint", "read_calibration"]
 
 
 def pair_weights(same: np.ndarray) -> np.ndarray:
@@ -117,28 +117,3 @@ def read_calibration(path) -> Calibration | None:
     if not path.is_file():
         return None
     return Calibration.from_dict(json.loads(path.read_text()))
-
-
-def plot_reliability(table: dict, path, title: str = "") -> None:
-    """A reliability diagram: per bin, observed share of same-person pairs against the
-    predicted probability, with the diagonal of perfect calibration."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in table["bins"] if r["weight"]]
-    fig, ax = plt.subplots(figsize=(4.2, 4.2), dpi=120)
-    ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="perfect")
-    ax.bar([(r["low"] + r["high"]) / 2 for r in rows], [r["observed"] for r in rows],
-           width=[0.9 * (r["high"] - r["low"]) for r in rows], color="#4c72b0", alpha=0.8,
-           label="observed (even prior)")
-    ax.plot([r["predicted"] for r in rows], [r["observed"] for r in rows], "o", color="#dd8452",
-            label="bin mean")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="predicted probability (same person)",
-           ylabel="share of same-person pairs",
-           title=title or f"Reliability, ECE {100 * table['ece']:.2f}%")
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from .data.registry import DATASETS
+
 __all__ = ["ModelConfig", "DataConfig", "TrainConfig", "Config", "load_config",
            "default_data_root", "ConfigError", "CHOICES", "validate_config"]
 
@@ -115,7 +117,7 @@ class Config:
 # Fields that take one of a few words; checked when the config loads, so that a misspelt
 # sampler fails at once and not after an hour of training.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.protocol": ("manifest", "viper", "cuhk03", "market1501"),
+    "data.protocol": tuple(DATASETS),
     "train.sampler": ("random", "pk"),
     "train.optimizer": ("adam", "adamw", "sgd"),
     "train.schedule": ("cosine", "constant"),

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .evaluate import plot_cmc_curves
 from .experiment import FIGURES
+from .plots import plot_cmc_curves
 
 __all__ = ["load_figures", "format_table", "plot_runs"]
 

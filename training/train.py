@@ -12,6 +12,7 @@ import json
 import math
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from .data.dataset import ReIDImages
 from .data.records import relabel
 from .data.sampling import IdentityBatchSampler, RandomBatchSampler
 from .data.transforms import FlipShift, RandomErasing
-from .inference import distance_matrix
+from .evaluator import Evaluator
 from .protocols import DataSplits, prepare_data
 
 __all__ = ["Trainer", "TrainState"]
@@ -275,7 +276,8 @@ class Trainer:
               indices: torch.Tensor | None = None) -> torch.Tensor:
         t = self.cfg.train
         # bf16 autocast runs convolutions and matrix products in bfloat16 (weights and the loss
-        # stay float32): 2.6x faster for the small trunk on this machine's AVX512-BF16 CPU.
+        # stay float32): faster for dense convolutions on CPUs with AVX512-BF16, not for the
+        # depthwise ones of EfficientNet (docs/results.md has the measurements).
         with torch.autocast(self.device.type, dtype=torch.bfloat16,
                             enabled=t.precision == "bf16"):
             if self.state.phase == "pretrain" and self.bnneck:
@@ -304,18 +306,16 @@ class Trainer:
     # -- validation --------------------------------------------------------------------
 
     def validate(self) -> dict:
-        from .metrics import evaluate_ranking
-
-        queries, gallery = self.data.val_queries, self.data.val_gallery
+        """Held-out figures (all-gallery) of the network as it is now, through the same
+        :class:`~training.evaluator.Evaluator` as ``dsmi evaluate``."""
         # Phase 1 of a BNNeck net trains the embedding alone: it is what is measured.
-        embedding_only = self.bnneck and self.state.phase == "pretrain"
-        dist = distance_matrix(self.net, queries, gallery, device=self.device,
-                               embedding_only=embedding_only)
-        cmc, mean_ap = evaluate_ranking(
-            dist, [r.pid for r in queries], [r.pid for r in gallery],
-            [r.camid for r in queries], [r.camid for r in gallery], max_rank=20)
-        return {"val_rank1": float(cmc[0]), "val_rank5": float(cmc[4]),
-                "val_map": float(mean_ap)}
+        evaluator = Evaluator(self.net, self.device,
+                              embedding_only=self.bnneck and self.state.phase == "pretrain")
+        evaluator.add_records(self.data.val_queries, query=True)
+        evaluator.add_records(self.data.val_gallery, query=False)
+        figures = evaluator.result()
+        return {"val_rank1": figures["rank1"], "val_rank5": figures["rank5"],
+                "val_map": figures["mAP"]}
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -394,65 +394,50 @@ class Trainer:
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
-    def _run_epoch(self) -> None:
-        t = self.cfg.train
-        started = time.time()
-        model = self._phase_model()
-        model.train()
+    # -- one epoch: batches, then the end-of-epoch hooks ---------------------------------
+
+    def batches(self) -> Iterator[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]:
+        """This epoch's batches for the current phase: ``(images or None, pids, indices)``;
+        phase 2 of a BNNeck net reads no image (its maps are cached)."""
         sampler = self.loader.batch_sampler
         sampler.set_epoch(self.state.epoch)
-        if self._maps is not None:  # phase 2 on cached maps: no image is read
-            all_pids = torch.tensor([r.pid for r in self.train_records])
-            batches = ((None, all_pids[idx], None, torch.tensor(idx)) for idx in sampler)
+        if self._maps is not None:
+            pids = torch.tensor([r.pid for r in self.train_records])
+            for idx in sampler:
+                yield None, pids[idx], torch.tensor(idx)
         else:
-            batches = iter(self.loader)
-        if self.progress:
-            from tqdm import tqdm
-            batches = tqdm(batches, total=len(sampler), unit="batch", dynamic_ncols=True,
-                           desc=f"{self.state.phase} epoch {self.state.epoch + 1}")
+            for images, pids, _cams, idx in self.loader:
+                yield images, pids, idx
+
+    def step(self, images: torch.Tensor | None, pids: torch.Tensor,
+             indices: torch.Tensor) -> float:
+        """One optimisation step on one batch of :meth:`batches` -> its loss."""
+        if images is not None:
+            images = self.erase(self.augment(self._to_device(images)))
+        pids = pids.to(self.device, non_blocking=True)
+        loss = self._loss(images, pids, indices)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {self.state.step}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.state.step += 1
+        return loss.item()
+
+    def train_mode(self) -> None:
+        """What trains in this phase in train mode; a fixed trunk and embedding stay in eval."""
+        self._phase_model().train()
         if self.bnneck and self.state.phase == "main":
-            self._fix_embedding()  # model.train() above switched its norms back on
-        losses = []
-        over_budget = phase_over = False
-        self._batch_in_epoch = 0
-        for images, pids, _cams, indices in batches:
-            self._set_lr(started)
-            step_started = time.time()
-            if images is not None:
-                images = self.erase(self.augment(self._to_device(images)))
-            pids = pids.to(self.device, non_blocking=True)
-            loss = self._loss(images, pids, indices)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {self.state.step}")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.state.step += 1
-            self._batch_in_epoch += 1
-            losses.append(loss.item())
-            if self.progress:
-                rate = len(pids) / max(time.time() - step_started, 1e-9)
-                batches.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{rate:.1f}")
-            if self._over_budget(started):
-                over_budget = True
-                break
-            if self._pretrain_over_budget(started):
-                phase_over = True
-                break
+            self._fix_embedding()
+
+    def _run_epoch(self) -> None:
+        started = time.time()
+        losses, cut = self._run_batches(started)
         self.state.epoch += 1
         record = {"epoch": self.state.epoch, "phase": self.state.phase,
                   "loss": sum(losses) / max(len(losses), 1), "batches": len(losses),
                   "lr": self.optimizer.param_groups[0]["lr"]}
-        improved = False
-        validates = self.state.phase == "main" or self.bnneck
-        if validates and (self.state.epoch % t.eval_every == 0 or phase_over):
-            record.update(self.validate())
-            improved = record["val_map"] > self.state.best_map
-            if improved:
-                self.state.best_map, self.state.best_epoch = record["val_map"], self.state.epoch
-                self.state.stale = 0
-            else:
-                self.state.stale += 1
+        improved = self._validation_hook(record, force=cut == "phase")
         self.state.elapsed_s += time.time() - started
         record["elapsed_min"] = round(self.state.elapsed_s / 60, 2)
         self.state.history.append(record)
@@ -460,29 +445,77 @@ class Trainer:
         if self.progress:
             shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
             print(json.dumps(shown), flush=True)
+        self._end_of_epoch_hook(cut, improved)
 
+    def _run_batches(self, started: float) -> tuple[list[float], str]:
+        """The epoch's steps -> (losses, why it ended early: "", "budget" or "phase")."""
+        self.train_mode()
+        batches = self.batches()
+        if self.progress:
+            from tqdm import tqdm
+            batches = tqdm(batches, total=len(self.loader.batch_sampler), unit="batch",
+                           dynamic_ncols=True,
+                           desc=f"{self.state.phase} epoch {self.state.epoch + 1}")
+        losses: list[float] = []
+        self._batch_in_epoch = 0
+        for images, pids, indices in batches:
+            self._set_lr(started)
+            step_started = time.time()
+            losses.append(self.step(images, pids, indices))
+            self._batch_in_epoch += 1
+            if self.progress:
+                rate = len(pids) / max(time.time() - step_started, 1e-9)
+                batches.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{rate:.1f}")
+            if self._over_budget(started):
+                return losses, "budget"
+            if self._pretrain_over_budget(started):
+                return losses, "phase"
+        return losses, ""
+
+    def _validation_hook(self, record: dict, force: bool = False) -> bool:
+        """Validate every ``eval_every`` epochs (and when a phase is cut short) -> whether
+        the held-out mAP improved. FC-CNN-style phase 1 is not validated (no embedding yet
+        of the network's own)."""
+        validates = self.state.phase == "main" or self.bnneck
+        if not validates or not (self.state.epoch % self.cfg.train.eval_every == 0 or force):
+            return False
+        record.update(self.validate())
+        if record["val_map"] > self.state.best_map:
+            self.state.best_map, self.state.best_epoch = record["val_map"], self.state.epoch
+            self.state.stale = 0
+            return True
+        self.state.stale += 1
+        return False
+
+    def _end_of_epoch_hook(self, cut: str, improved: bool) -> None:
+        """Checkpoints, the stopping rules and the phase switch."""
+        t = self.cfg.train
         phase_epochs = t.pretrain_epochs if self.state.phase == "pretrain" else t.epochs
         phase_done = self.state.epoch - self.state.phase_start_epoch >= phase_epochs
         if improved:  # before a phase switch, which starts phase 2 from best.pt
             self._checkpoint("best.pt")
-        if over_budget:
+        stale = self.state.stale >= t.patience
+        if cut == "budget":
             self.state.stopped = "budget"
-        elif self.state.phase == "main" and self.state.stale >= t.patience:
+        elif self.state.phase == "main" and stale:
             self.state.stopped = "early_stop"
-        elif self.state.phase == "pretrain" and (
-                phase_done or phase_over or (self.bnneck and self.state.stale >= t.patience)):
-            self._start_from_pretrained()
-            self.state.phase = "main"
-            self.state.phase_started_s = self.state.elapsed_s
-            self.state.phase_start_epoch = self.state.epoch
-            self.state.stale = 0
-            del self._pretrain_heads
-            self._build_phase()
+        elif self.state.phase == "pretrain" and (phase_done or cut == "phase"
+                                                 or (self.bnneck and stale)):
+            self._switch_phase()
         elif phase_done:
             self.state.stopped = "epochs"
         self._checkpoint("last.pt")
         if self.state.stopped and not (self.out / "best.pt").exists():
             self._checkpoint("best.pt")  # e.g. a budget hit before the first validation
+
+    def _switch_phase(self) -> None:
+        self._start_from_pretrained()
+        self.state.phase = "main"
+        self.state.phase_started_s = self.state.elapsed_s
+        self.state.phase_start_epoch = self.state.epoch
+        self.state.stale = 0
+        del self._pretrain_heads
+        self._build_phase()
 
 
 def _raise_keyboard_interrupt(signum, frame):  # SIGTERM: save like Ctrl-C

@@ -20,8 +20,8 @@ from bench.rerank_bench import (
 )
 from model.retrieval import two_stage_order
 from training.data import ImageRecord
-from training.evaluate import evaluate_distances
 from training.metrics import draw_single_shot_gallery
+from training.report import evaluate_distances
 
 NUM_IDS, PER_ID = 20, 4  # gallery: 80 camera-2 images; queries: one camera-1 image per id
 

@@ -10,8 +10,10 @@ from PIL import Image
 
 from dsmi_cli.main import main
 from training.data import ImageRecord
-from training.evaluate import evaluate_distances, evaluate_run, load_eval_data, plot_ranked
+from training.evaluate import evaluate_run, load_eval_data
 from training.metrics import evaluate_ranking, single_shot
+from training.plots import plot_ranked
+from training.report import evaluate_distances
 
 COLOURS = [(200, 40, 40), (40, 40, 200), (40, 170, 60), (220, 200, 50), (150, 60, 180),
            (240, 140, 30), (90, 90, 90), (30, 180, 190)]
@@ -107,7 +109,7 @@ def test_embedding_only_drops_the_pair_head(tmp_path, manifest):
 
     from model import build_model
     from model.checkpoint import save_checkpoint
-    from training.inference import distance_matrix
+    from training.evaluator import distance_matrix
 
     data = load_eval_data(manifest, split="val")
     torch.manual_seed(0)

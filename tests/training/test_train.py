@@ -60,11 +60,11 @@ def test_ctrl_c_leaves_a_usable_checkpoint(tiny_manifest, tmp_path, monkeypatch)
     calls = {"n": 0}
     real_loss = trainer._loss
 
-    def interrupting_loss(images, pids):
+    def interrupting_loss(images, pids, indices=None):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
-        return real_loss(images, pids)
+        return real_loss(images, pids, indices)
 
     monkeypatch.setattr(trainer, "_loss", interrupting_loss)
     with pytest.raises(KeyboardInterrupt):
