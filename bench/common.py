@@ -79,19 +79,19 @@ def tile_gallery(gallery: dict, n: int, seed: int = 0, noise: float = 0.01) -> d
     return out
 
 
-def before_model_dir(path: Path | None = None) -> Path:
-    """The bundled model folder as of :data:`BEFORE_COMMIT` (the "before" design of the
-    benchmarks), taken out of this checkout's git history into a temporary folder, or
-    ``path`` when given. Exits with a message when neither works."""
+def before_model_dir(path: Path | None = None, commit: str = BEFORE_COMMIT) -> Path:
+    """The bundled model folder as of ``commit`` (default :data:`BEFORE_COMMIT`, the "before"
+    design of the benchmarks), taken out of this checkout's git history into a temporary
+    folder, or ``path`` when given. Exits with a message when neither works."""
     if path is not None:
         return Path(path)
     target = Path(tempfile.mkdtemp(prefix="dsmi-before-model-"))
     try:
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", BEFORE_COMMIT,
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit,
                                   "service/default_model"], check=True, capture_output=True)
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", b"") or str(exc).encode()
-        raise SystemExit(f"cannot take the model of commit {BEFORE_COMMIT} out of git "
+        raise SystemExit(f"cannot take the model of commit {commit} out of git "
                          f"({detail.decode(errors='replace').strip()}); pass "
                          "--before-model-dir with that folder, or skip the design") from exc
     with tempfile.TemporaryFile() as fh:

@@ -96,6 +96,7 @@ class TrainConfig:
     channels_last: bool = False        # the trunk in channels-last memory (faster on CPUs)
     init_from: str | None = None       # a dsmi checkpoint to start from (its tensors whose names
                                        # and shapes match), e.g. a CUHK03 model for VIPeR
+    init_from_parts: str = "all"       # "all" of it, or the trunk and "embedding" only
     eval_every: int = 1
     seed: int = 0
     device: str = "cpu"
@@ -119,6 +120,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.protocol": tuple(DATASETS),
     "train.sampler": ("random", "pk"),
+    "train.init_from_parts": ("all", "embedding"),
     "train.optimizer": ("adam", "adamw", "sgd"),
     "train.schedule": ("cosine", "constant"),
     "train.precision": ("fp32", "bf16"),

@@ -78,11 +78,12 @@ class Trainer:
         # fixed trunk's cached maps (binomial deviance).
         self.bnneck = bool(getattr(self.net, "bnneck", False))
         self._maps: torch.Tensor | None = None  # phase 2 of a BNNeck net: (views, N, C, H, W)
-        if self.bnneck:
-            self._zero_head_output()
         if t.channels_last:
             self.net.to(memory_format=torch.channels_last)
         self.init_report = self._init_from(t.init_from) if t.init_from else None
+        if self.bnneck and not any(k.startswith("pooling.") for k in
+                                   (self.init_report or {}).get("loaded_keys", ())):
+            self._zero_head_output()  # a new head starts by ranking as the embedding does
         self.state = TrainState(phase="main" if t.pretrain_epochs == 0 or self.softmax_only
                                 else "pretrain")
         self._build_phase()
@@ -101,14 +102,18 @@ class Trainer:
             raise FileNotFoundError(f"train.init_from: no checkpoint at {path}")
         payload = read_checkpoint(path)
         own = self.net.state_dict()
+        # "embedding": the trunk and the embedding only, so that heads compared on one
+        # phase-1 model all start from nothing.
+        parts = ("trunks.", "fc.") if self.cfg.train.init_from_parts == "embedding" else ("",)
         picked = {k: v for k, v in payload["state_dict"].items()
-                  if k in own and own[k].shape == v.shape}
+                  if k in own and own[k].shape == v.shape and k.startswith(parts)}
         if not picked:
             raise ValueError(f"train.init_from: no tensor of {path} ({payload.get('variant')}) "
                              f"fits a {self.cfg.model.variant} network")
         self.net.load_state_dict(picked, strict=False)
         return {"checkpoint": str(path), "variant": payload.get("variant"),
-                "loaded": len(picked), "kept_random": sorted(set(own) - set(picked))}
+                "loaded": len(picked), "loaded_keys": sorted(picked),
+                "kept_random": sorted(set(own) - set(picked))}
 
     def _phase_model(self) -> torch.nn.Module:
         """What the current phase optimises: the FC-CNN around the trunk(s) (with a BNNeck:
@@ -390,7 +395,8 @@ class Trainer:
                    "out": str(self.out)}
         if self.init_report:
             summary["init_from"] = {**self.init_report,
-                                    "kept_random": len(self.init_report["kept_random"])}
+                                    "kept_random": len(self.init_report["kept_random"]),
+                                    "loaded_keys": len(self.init_report["loaded_keys"])}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 

@@ -314,3 +314,26 @@ def test_bnneck_phase_one_ends_on_its_own_budget(tiny_manifest, tmp_path):
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in log] == ["pretrain", "main"]
     assert log[0]["batches"] == 1  # stopped after the batch that spent the budget
+
+
+def test_heads_compared_on_one_embedding_start_from_nothing(tiny_manifest, tmp_path):
+    cfg = load_config("configs/cpu-bnneck.yaml", bnneck_overrides(tiny_manifest, **{
+        "train.pretrain_epochs": 1, "train.epochs": 1}))
+    Trainer(cfg, tmp_path / "dsmi", progress=False).fit()
+    trained, _ = load_checkpoint(tmp_path / "dsmi" / "best.pt")
+    for parts, variant in (("embedding", "dsmi-lite0-bnneck"),
+                           ("embedding", "mi-spp-lite0-bnneck"), ("all", "dsmi-lite0-bnneck")):
+        cfg = load_config("configs/cpu-bnneck.yaml", bnneck_overrides(tiny_manifest, **{
+            "model.variant": variant, "train.pretrain_epochs": 0, "train.epochs": 1,
+            "train.init_from": str(tmp_path / "dsmi" / "best.pt"),
+            "train.init_from_parts": parts}))
+        trainer = Trainer(cfg, tmp_path / f"{variant}-{parts}", progress=False)
+        assert trainer.state.phase == "main"
+        own = trainer.net.state_dict()
+        for key, value in trained.state_dict().items():
+            if key.startswith(("trunks.", "fc.")):
+                assert torch.equal(own[key], value)
+        out = trainer.net.pooling.out_proj.weight
+        head_loaded = parts == "all"
+        assert bool(out.abs().sum() > 0) == (head_loaded and trained.pooling.out_proj
+                                             .weight.abs().sum() > 0)
