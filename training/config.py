@@ -94,6 +94,7 @@ class TrainConfig:
     triplet_margin: float = 0.3        # batch-hard triplet of a BNNeck phase 1
     erasing: float = 0.0               # random erasing: probability per image (phase 1)
     channels_last: bool = False        # the trunk in channels-last memory (faster on CPUs)
+    map_cache: str | None = None       # a folder keeping phase 2's cached maps across runs
     init_from: str | None = None       # a dsmi checkpoint to start from (its tensors whose names
                                        # and shapes match), e.g. a CUHK03 model for VIPeR
     init_from_parts: str = "all"       # "all" of it, or the trunk and "embedding" only

@@ -8,6 +8,7 @@ Run folder (``--out``): ``config.yaml`` (resolved), ``log.jsonl`` (one line per 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import signal
@@ -168,10 +169,37 @@ class Trainer:
             for p in module.parameters():
                 p.requires_grad_(False)
 
+    def _map_cache_file(self, dataset: ReIDImages) -> Path | None:
+        """Where the maps of this trunk on these images are kept on disk (``train.map_cache``),
+        named by a hash of the trunk's weights, the image paths and the input size: runs that
+        train heads on one phase-1 model share one file."""
+        folder = self.cfg.train.map_cache
+        if not folder:
+            return None
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.net.trunks.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(repr([str(r.path) for r in dataset.records]).encode())
+        digest.update(repr(tuple(self.net.input_size)).encode())
+        return Path(folder).expanduser() / f"maps-{digest.hexdigest()[:20]}.pt"
+
     @torch.no_grad()
     def _cache_maps(self, dataset: ReIDImages) -> torch.Tensor:
         """conv5 maps of every training image and its mirror image, float16, computed once:
         with the trunk fixed, phase 2 needs no trunk pass per step."""
+        path = self._map_cache_file(dataset)
+        if path is not None and path.is_file():
+            return torch.load(path, weights_only=True)
+        maps = self._compute_maps(dataset)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(path.name + ".partial")
+            torch.save(maps, partial)
+            partial.replace(path)  # never a half-written cache under the real name
+        return maps
+
+    def _compute_maps(self, dataset: ReIDImages) -> torch.Tensor:
         self.net.eval()
         views = []
         for flip in (False, True):

@@ -337,3 +337,21 @@ def test_heads_compared_on_one_embedding_start_from_nothing(tiny_manifest, tmp_p
         head_loaded = parts == "all"
         assert bool(out.abs().sum() > 0) == (head_loaded and trained.pooling.out_proj
                                              .weight.abs().sum() > 0)
+
+
+def test_phase_two_maps_are_kept_on_disk_for_the_next_run(tiny_manifest, tmp_path,
+                                                          monkeypatch):
+    cache = tmp_path / "maps"
+    cfg = load_config("configs/cpu-bnneck.yaml", bnneck_overrides(tiny_manifest, **{
+        "train.pretrain_epochs": 0, "train.epochs": 1, "train.map_cache": str(cache)}))
+    first = Trainer(cfg, tmp_path / "a", progress=False)
+    files = list(cache.glob("maps-*.pt"))
+    assert len(files) == 1 and not list(cache.glob("*.partial"))
+    monkeypatch.setattr(Trainer, "_compute_maps", lambda self, dataset: pytest.fail(
+        "the maps should come from the cache"))
+    second = Trainer(cfg, tmp_path / "b", progress=False)
+    assert torch.equal(first._maps, second._maps)
+    # Another trunk is another file.
+    with torch.no_grad():
+        next(second.net.trunks.parameters()).add_(1.0)
+    assert second._map_cache_file(second.loader.dataset) != files[0]
