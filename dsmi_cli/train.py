@@ -60,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     print(json.dumps(summary, indent=2))
+    from training.plots import plot_training_curve
+    out = Path(args.out)
+    print(f"held-out curve: {plot_training_curve(out / 'log.jsonl', out / 'curve.png')}")
     if trainer.data.val_queries and trainer.data.val_gallery:
         from training.calibration import calibrate_checkpoint
         calibration = calibrate_checkpoint(Path(args.out) / "best.pt", trainer.data.val_queries,

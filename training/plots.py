@@ -10,7 +10,8 @@ import numpy as np
 from .data.records import ImageRecord
 from .report import record_ids
 
-__all__ = ["plot_cmc_curves", "plot_cmc", "plot_ranked", "plot_reliability"]
+__all__ = ["plot_cmc_curves", "plot_cmc", "plot_ranked", "plot_reliability",
+           "plot_training_curve"]
 
 def plot_cmc_curves(curves: Sequence[tuple[str, Sequence[float], float]], path: str | Path,
                     title: str) -> Path:
@@ -122,3 +123,35 @@ def plot_reliability(table: dict, path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_training_curve(log_path, path, title: str = "") -> Path:
+    """Held-out rank-1 and mAP against training minutes, from a run's ``log.jsonl``, with the
+    phase switch marked."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line]
+    validated = [r for r in records if "val_map" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    for key, label in (("val_rank1", "held-out rank-1"), ("val_map", "held-out mAP")):
+        ax.plot([r["elapsed_min"] for r in validated], [100 * r[key] for r in validated],
+                marker="o", ms=3, label=label)
+    switch = next((r["elapsed_min"] for r, nxt in zip(records, records[1:], strict=False)
+                   if r["phase"] != nxt["phase"]), None)
+    if switch is not None:
+        ax.axvline(switch, color="0.5", ls="--", lw=1)
+        ax.text(switch, 2, " phase 2", color="0.4", fontsize=8)
+    ax.set(xlabel="training minutes", ylabel="%", ylim=(0, 100),
+           title=title or "Validation on identities held out of training")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

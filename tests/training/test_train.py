@@ -38,6 +38,11 @@ def test_train_writes_log_checkpoints_and_report(tiny_manifest, tmp_path, capsys
     assert (out / "eval" / "cmc.png").stat().st_size > 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped"] == "epochs" and summary["epochs"] == 2
+    assert (out / "curve.png").stat().st_size > 0
+    # The match probability, fitted on the held-out identities, and its test reliability.
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert calibration["a"] > 0 and calibration["pairs"] > 0
+    assert 0 <= report["calibration"]["ece"] <= 1 and (out / "eval" / "reliability.png").is_file()
 
 
 def test_resume_continues_where_it_stopped(tiny_manifest, tmp_path):
