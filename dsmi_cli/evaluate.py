@@ -35,6 +35,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--embedding-only", action="store_true",
                       help="checkpoint: score by the per-image embeddings FC(g) alone (F~ = 0), "
                            "without the gate/IRNN head: what the head adds")
+    what.add_argument("--mirror-average", action="store_true",
+                      help="checkpoint: average each image's map with its mirror image's "
+                           "(test-time flip; the trunk runs twice)")
     data = parser.add_argument_group("data and protocol")
     data.add_argument("--data", type=Path, required=True,
                       help="a manifest CSV (path,pid,camid,split) or an official-layout root")
@@ -92,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
                 args.checkpoint, data.queries, data.gallery, device=args.device,
                 batch_size=args.batch_size, pair_batch=args.pair_batch,
                 num_workers=args.workers, progress=progress,
-                embedding_only=args.embedding_only)
+                embedding_only=args.embedding_only, mirror_average=args.mirror_average)
         else:
             if args.embedding_only:
                 raise ValueError("--embedding-only applies to a --checkpoint, not a baseline")

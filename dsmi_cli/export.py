@@ -27,6 +27,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration", type=Path,
                         help="the match probability's calibration.json (default: the one "
                              "beside --checkpoint, written by dsmi train, if any)")
+    parser.add_argument("--mirror-average", action="store_true",
+                        help="bake test-time flip into the trunk graph: each image's map is "
+                             "averaged with its mirror image's (the trunk runs twice)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip comparing ONNX Runtime's scores with PyTorch's")
 
@@ -40,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         net = build_model(args.variant)
     net.eval()
+    net.mirror_average = args.mirror_average
     from training.calibration import read_calibration
     source = args.calibration or args.checkpoint
     calibration = read_calibration(source) if source is not None else None

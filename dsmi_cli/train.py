@@ -65,10 +65,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"held-out curve: {plot_training_curve(out / 'log.jsonl', out / 'curve.png')}")
     if trainer.data.val_queries and trainer.data.val_gallery:
         from training.calibration import calibrate_checkpoint
-        calibration = calibrate_checkpoint(Path(args.out) / "best.pt", trainer.data.val_queries,
-                                           trainer.data.val_gallery, device=cfg.train.device)
-        print(f"match probability fitted on held-out identities: a={calibration.a:.3f} "
-              f"b={calibration.b:.3f} ({calibration.fitted_on})")
+        try:
+            calibration = calibrate_checkpoint(out / "best.pt", trainer.data.val_queries,
+                                               trainer.data.val_gallery,
+                                               device=cfg.train.device)
+        except ValueError as exc:  # a model whose scores do not rank: no probability
+            print(f"no match probability: {exc}")
+        else:
+            print(f"match probability fitted on held-out identities: a={calibration.a:.3f} "
+                  f"b={calibration.b:.3f} ({calibration.fitted_on})")
     if not args.no_eval:
         from training.evaluate import evaluate_run
         report = evaluate_run(Path(args.out) / "best.pt", trainer.data, Path(args.out) / "eval",

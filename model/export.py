@@ -348,6 +348,7 @@ def _manifest(net: MatchingNetwork, fields: list[str], maps: torch.Tensor, probe
         "std": list(getattr(net, "std", IMAGENET_STD)),
         "input_layout": "NCHW, RGB, (pixel / 255 - mean) / std",
         "shares_trunk": net.shares_trunk,
+        "mirror_average": bool(net.mirror_average),
         "map_shape": list(maps.shape[1:]),
         "fields": fields,
         "probe_fields": dict(zip(fields, _shapes(probe), strict=True)),

@@ -59,6 +59,9 @@ class MatchingNetwork(nn.Module):
     map_size: tuple[int, int]
     variant: str = ""
     build_args: dict = {}
+    # Outside training, average each map with the map of the mirrored image, mirrored back
+    # (test-time flip: the trunk runs twice). Set after building; export bakes it in.
+    mirror_average: bool = False
 
     def encode(self, images: torch.Tensor, stream: str = "a") -> torch.Tensor:
         """``(B, 3, H, W)`` normalised images -> conv5 maps ``(B, C, K1, K2)``.
@@ -66,7 +69,11 @@ class MatchingNetwork(nn.Module):
         ``stream`` picks the trunk (``"a"``: probe side, ``"b"``: gallery side); it only
         matters for variants whose two streams do not share weights.
         """
-        return self.trunks[self._stream_index(stream)](images)
+        trunk = self.trunks[self._stream_index(stream)]
+        maps = trunk(images)
+        if self.mirror_average and not self.training:
+            maps = 0.5 * (maps + trunk(images.flip(-1)).flip(-1))
+        return maps
 
     def _stream_index(self, stream: str) -> int:
         if stream not in ("a", "b"):

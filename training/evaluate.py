@@ -53,10 +53,11 @@ def load_eval_data(data: str | Path, dataset: str | None = None, split: str | No
 def checkpoint_distances(checkpoint: str | Path, queries: Sequence[ImageRecord],
                          gallery: Sequence[ImageRecord], device: str = "cpu",
                          batch_size: int = 64, pair_batch: int = 4096, num_workers: int = 0,
-                         progress: bool = False, embedding_only: bool = False
-                         ) -> tuple[np.ndarray, dict]:
+                         progress: bool = False, embedding_only: bool = False,
+                         mirror_average: bool = False) -> tuple[np.ndarray, dict]:
     """Load a checkpoint and compute its ``(Q, G)`` distances -> ``(distances, model info)``.
-    ``embedding_only``: see :class:`training.evaluator.Evaluator`."""
+    ``embedding_only``: see :class:`training.evaluator.Evaluator`; ``mirror_average``: each
+    image's map averaged with its mirror image's (``MatchingNetwork.mirror_average``)."""
     import torch
 
     from model.checkpoint import load_checkpoint
@@ -67,13 +68,14 @@ def checkpoint_distances(checkpoint: str | Path, queries: Sequence[ImageRecord],
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {device}: CUDA is not available here")
     net, payload = load_checkpoint(checkpoint, map_location="cpu")
+    net.mirror_average = mirror_average
     net.to(device)
     dist = distance_matrix(net, queries, gallery, batch_size=batch_size, pair_batch=pair_batch,
                            device=device, num_workers=num_workers, progress=progress,
                            embedding_only=embedding_only)
     name = f"{net.variant} (embedding only)" if embedding_only else net.variant
     info = {"kind": "checkpoint", "name": name, "variant": net.variant,
-            "embedding_only": embedding_only,
+            "embedding_only": embedding_only, "mirror_average": mirror_average,
             "checkpoint": str(Path(checkpoint).resolve()), "input_size": list(net.input_size),
             "epoch": payload.get("epoch")}
     return dist, info

@@ -78,3 +78,19 @@ def test_bnneck_has_no_shift_and_pools_before_the_norm():
     torch.testing.assert_close(neck.pooled(maps), maps.mean((2, 3)))
     torch.testing.assert_close(neck(maps), neck.scale() * (maps.mean((2, 3))
                                                            - neck.bn.running_mean))
+
+
+def test_mirror_average_is_the_mean_of_both_views_and_only_outside_training():
+    torch.manual_seed(2)
+    net = build_model("dsmi-lite0-bnneck", **SMALL).eval()
+    images = torch.randn(3, 3, 64, 32)
+    with torch.no_grad():
+        plain = net.encode(images)
+        mirrored = net.encode(images.flip(-1)).flip(-1)
+        net.mirror_average = True
+        averaged = net.encode(images)
+        torch.testing.assert_close(averaged, 0.5 * (plain + mirrored))
+        # A mirrored image now gives the mirrored map exactly.
+        torch.testing.assert_close(net.encode(images.flip(-1)), averaged.flip(-1))
+    net.train()
+    assert net.encode(images).shape == plain.shape  # training sees one view

@@ -213,3 +213,19 @@ def test_a_checkpoint_written_by_training_exports(tiny_manifest, tmp_path):
     manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
     assert manifest["model_id"] == model_id(net)
     assert manifest["variant"] == net.variant
+
+
+def test_bnneck_model_with_mirror_average_and_calibration_exports_exactly(tmp_path):
+    from model.calibration import Calibration
+    from model.export import verify_export
+
+    torch.manual_seed(0)
+    net = build_model("dsmi-lite0-bnneck", weights=None, input_size=(64, 32)).eval()
+    with torch.no_grad():
+        net.pooling.out_proj.weight.normal_(std=0.05)  # a live head
+    net.mirror_average = True
+    calibration = Calibration(a=7.5, b=-4.0, pairs=10, positives=2, fitted_on="test")
+    manifest = export_model(net, tmp_path / "m", calibration=calibration)
+    assert manifest["mirror_average"] is True
+    assert Calibration.from_dict(manifest["calibration"]) == calibration
+    assert verify_export(net, tmp_path / "m") < 1e-4
