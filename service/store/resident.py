@@ -318,14 +318,22 @@ class ResidentCache:
         self.embedding_field = embedding_field
         self._lock = threading.Lock()
         self._galleries: OrderedDict[str, ResidentGallery] = OrderedDict()
+        # A running total, and each gallery's bytes as last counted: a query recounts only its
+        # own gallery, so its cost does not grow with the number of resident galleries.
+        self._bytes: dict[str, int] = {}
+        self._total = 0
 
     def __len__(self) -> int:
         return len(self._galleries)
 
     @property
     def nbytes(self) -> int:
-        with self._lock:
-            return sum(g.nbytes for g in self._galleries.values())
+        return self._total
+
+    def _forget(self, gallery: str) -> None:
+        """Under ``_lock``: take ``gallery`` out of the cache and the total."""
+        self._galleries.pop(gallery, None)
+        self._total -= self._bytes.pop(gallery, 0)
 
     def view(self, store: GalleryStore, gallery: str, size_hint: int | None = None,
              placer: Placer | None = None) -> tuple[GalleryView | None, SyncReport]:
@@ -344,22 +352,29 @@ class ResidentCache:
         with resident.lock:
             report = resident.sync(store)
             view = resident.view(placer)
-            too_big = resident.nbytes > self.max_bytes
-        if too_big:
+            size = resident.nbytes
+        if size > self.max_bytes:
             self.drop(gallery)
             return None, SyncReport("bypassed")
+        with self._lock:
+            if self._galleries.get(gallery) is resident:  # not dropped meanwhile
+                self._total += size - self._bytes.get(gallery, 0)
+                self._bytes[gallery] = size
         self._evict(keep=gallery)
         return view, report
 
     def drop(self, gallery: str) -> None:
         with self._lock:
-            self._galleries.pop(gallery, None)
+            self._forget(gallery)
 
     def _evict(self, keep: str) -> None:
+        """Least recently queried first, until the total fits: each step is O(1)."""
         with self._lock:
-            total = sum(g.nbytes for g in self._galleries.values())
-            for name in list(self._galleries):
-                if total <= self.max_bytes:
-                    break
-                if name != keep:
-                    total -= self._galleries.pop(name).nbytes
+            while self._total > self.max_bytes and len(self._galleries) > 1:
+                oldest = next(iter(self._galleries))
+                if oldest == keep:
+                    self._galleries.move_to_end(keep)
+                    oldest = next(iter(self._galleries))
+                    if oldest == keep:
+                        break
+                self._forget(oldest)

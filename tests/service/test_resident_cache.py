@@ -361,3 +361,42 @@ def test_placed_galleries_are_placed_once_and_rank_like_the_host_path():
         np.testing.assert_allclose([s for _, s in on_device.ranked],
                                    [s for _, s in on_host.ranked], atol=1e-6)
         assert added[3].item.image_id not in {i.image_id for i, _ in on_device.ranked}
+
+
+def test_a_query_recounts_only_its_own_gallery_and_the_total_stays_exact(monkeypatch):
+    store = MemoryGalleryStore()
+    for g in range(40):
+        store.add_items(f"g{g}", items(3, seed=g))
+    cache = ResidentCache(CODEC, max_bytes=10**9, embedding_field="embedding")
+    for g in range(40):
+        cache.view(store, f"g{g}")
+    assert cache.nbytes == sum(r.nbytes for r in cache._galleries.values())
+    counted = []
+    original = ResidentGallery.nbytes
+
+    def counting(self):
+        counted.append(self.name)
+        return original.fget(self)
+    monkeypatch.setattr(ResidentGallery, "nbytes", property(counting))
+    store.add_items("g7", items(2, seed=99))
+    cache.view(store, "g7")
+    assert set(counted) == {"g7"}  # one gallery counted, not forty
+    monkeypatch.setattr(ResidentGallery, "nbytes", original)
+    assert cache.nbytes == sum(r.nbytes for r in cache._galleries.values())
+    cache.drop("g3")
+    assert cache.nbytes == sum(r.nbytes for r in cache._galleries.values())
+
+
+def test_eviction_by_the_running_total_is_least_recently_queried_first():
+    store = MemoryGalleryStore()
+    for g in range(4):
+        store.add_items(f"g{g}", items(3, seed=g))
+    one = ResidentCache(CODEC, max_bytes=10**9, embedding_field="embedding")
+    one.view(store, "g0")
+    budget = int(2.5 * one.nbytes)  # room for two galleries, not three
+    cache = ResidentCache(CODEC, max_bytes=budget, embedding_field="embedding")
+    for g in (0, 1, 0, 2):
+        cache.view(store, f"g{g}")
+    assert list(cache._galleries) == ["g0", "g2"]  # g1 was the least recently queried
+    assert cache.nbytes <= budget
+    assert cache.nbytes == sum(r.nbytes for r in cache._galleries.values())
