@@ -16,11 +16,13 @@ import numpy as np
 from PIL import Image, ImageOps
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageDecodeError", "ALLOWED_FORMATS",
-           "decode_image", "preprocess", "load_image_tensor"]
+           "decode_image", "decode_bytes", "header_decode_bytes", "preprocess",
+           "load_image_tensor"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "BMP", "WEBP", "TIFF", "GIF", "PPM"})
+# MPO: the multi-picture JPEG of many phones and cameras, read as its first picture.
+ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "WEBP", "TIFF", "GIF", "PPM"})
 DEFAULT_MAX_PIXELS = 40_000_000  # a person crop is far smaller; more is a decompression bomb
 
 # Transparent pixels become the normalisation mean, which is zero after normalising: "no
@@ -44,13 +46,60 @@ class ImageDecodeError(ValueError):
         self.reason = reason
 
 
+_WIDE = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+# Bytes per pixel of Pillow's decoded buffer, by mode (4 for anything not listed).
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "RGB": 3, "YCbCr": 3,
+               "LAB": 3, "HSV": 3, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+_ROWS = 256  # rows per step when a wide greyscale image is scaled to 8 bits
+
+
+def decode_bytes(width: int, height: int, mode: str) -> int:
+    """The most memory decoding an image of this size and mode to RGB takes at once, in
+    bytes: the decoded buffer, plus the RGB (or RGBA and RGB) copy made from it."""
+    pixels = width * height
+    decoded = _MODE_BYTES.get(mode, 4) * pixels
+    if mode in _WIDE:  # 8-bit greyscale, then RGB (scaled a few rows at a time)
+        return decoded + pixels + 3 * pixels
+    if mode in ("P", "LA", "PA", "La", "RGBA", "RGBa"):  # through RGBA onto an RGB canvas
+        return decoded + 4 * pixels + 3 * pixels
+    return decoded + 3 * pixels
+
+
+def header_decode_bytes(data: bytes) -> int:
+    """:func:`decode_bytes` of an encoded image, from its header alone (nothing decoded); 0
+    when the header cannot be read (decoding then fails with the reason)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return decode_bytes(*img.size, img.mode)
+    except Exception:  # Pillow raises many types for broken headers
+        return 0
+
+
+def _wide_to_rgb(img: Image.Image) -> Image.Image:
+    """16-bit, 32-bit and float greyscale -> RGB, the value range scaled to 8 bits (not
+    clipped), a few rows at a time: no float64 copy of a big image. NaN or infinite pixels
+    are refused: they have no brightness, and scaling them would blank the whole image."""
+    arr = np.asarray(img)  # Pillow's buffer viewed as an array: uint16, int32 or float32
+    lo = hi = None
+    for start in range(0, arr.shape[0], _ROWS):
+        rows = arr[start:start + _ROWS]
+        if rows.dtype.kind == "f" and not np.isfinite(rows).all():
+            raise ImageDecodeError("image has NaN or infinite pixel values", "unreadable")
+        r_lo, r_hi = rows.min(), rows.max()
+        lo = r_lo if lo is None else min(lo, r_lo)
+        hi = r_hi if hi is None else max(hi, r_hi)
+    out = np.zeros(arr.shape, dtype=np.uint8)
+    if hi > lo:
+        scale = 255.0 / (float(hi) - float(lo))
+        for start in range(0, arr.shape[0], _ROWS):
+            rows = arr[start:start + _ROWS].astype(np.float32)
+            out[start:start + _ROWS] = np.rint((rows - np.float32(lo)) * np.float32(scale))
+    return Image.fromarray(out, "L").convert("RGB")
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit and float greyscale: scale the value range to 8 bits instead of clipping.
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        scaled = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
-        return Image.fromarray(scaled.round().astype(np.uint8), "L").convert("RGB")
+    if img.mode in _WIDE:
+        return _wide_to_rgb(img)
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -62,12 +111,16 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def decode_image(source: bytes | str | Path | BinaryIO,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+                 max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_decode_bytes: int | None = None) -> Image.Image:
     """Decode bytes, a path or a file object into an upright 8-bit RGB image.
 
-    Applies the EXIF orientation; converts CMYK, 16-bit, palette and alpha images to RGB.
-    Raises :class:`ImageDecodeError` for empty, truncated, non-image or unsupported input and
-    for images of more than ``max_pixels`` pixels (checked before the pixels are decoded).
+    Applies the EXIF orientation; converts CMYK, 16-bit, float, palette and alpha images to
+    RGB; a multi-picture file (MPO, animated GIF) gives its first picture. Raises
+    :class:`ImageDecodeError` for empty, truncated, non-image or unsupported input, for NaN or
+    infinite pixels, and, checked from the header before any pixel is decoded, for images of
+    more than ``max_pixels`` pixels or whose decoding would take more than
+    ``max_decode_bytes`` bytes (:func:`decode_bytes`).
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
@@ -87,6 +140,12 @@ def decode_image(source: bytes | str | Path | BinaryIO,
                                        f"{max_pixels} pixels allowed", "too_many_pixels")
             if width == 0 or height == 0:
                 raise ImageDecodeError("image has no pixels")
+            cost = decode_bytes(width, height, img.mode)
+            if max_decode_bytes is not None and cost > max_decode_bytes:
+                raise ImageDecodeError(
+                    f"decoding this {width}x{height} {img.mode} image takes "
+                    f"{cost / 2**20:.0f} MiB, more than the {max_decode_bytes / 2**20:.0f} "
+                    "MiB allowed per image", "too_many_pixels")
             img.load()
             img = ImageOps.exif_transpose(img)
     except ImageDecodeError:

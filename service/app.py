@@ -22,6 +22,7 @@ from model.formats import EMBEDDING_FIELD
 
 from .deps import require_api_key
 from .errors import install_error_handlers
+from .matching import DecodeBudget
 from .metrics import MetricsMiddleware, ServiceMetrics
 from .middleware import AdmissionMiddleware, ApiKeyMiddleware, BodyLimitMiddleware
 from .routers import console, docs, galleries, health, query
@@ -153,6 +154,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
     app.include_router(console.router)
     state = app.state
     state.settings, state.metrics = settings, metrics
+    state.decode_budget = DecodeBudget(settings.max_decode_bytes_in_flight)
     state.key_ring = settings.key_ring()
     # No trailing-slash redirects: Starlette builds their Location from the client's Host
     # header; a path with a stray slash is a plain 404 instead.

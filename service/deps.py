@@ -16,8 +16,10 @@ from .store.resident import ResidentCache
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .matching import DecodeBudget
 
-__all__ = ["get_settings", "get_metrics", "get_engine", "get_store", "get_cache",
+__all__ = ["get_settings", "get_decode_budget", "get_metrics", "get_engine", "get_store",
+           "get_cache",
            "require_api_key", "authorize", "current_key"]
 
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
@@ -27,6 +29,10 @@ _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API k
 
 def get_settings(request: Request) -> Settings:
     return request.app.state.settings
+
+
+def get_decode_budget(request: Request) -> DecodeBudget:
+    return request.app.state.decode_budget
 
 
 def get_metrics(request: Request) -> ServiceMetrics:

@@ -8,15 +8,17 @@ Blocking (ONNX Runtime, the store): the routes call these from FastAPI's thread 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from model.formats import EMBEDDING_FIELD
-from model.preprocess import ImageDecodeError, decode_image
+from model.preprocess import ImageDecodeError, decode_image, header_decode_bytes
 from model.retrieval import l2_normalise, shortlist
 
 from .engine import MAPS_FIELD
@@ -30,7 +32,8 @@ from .thumbnails import make_thumbnail
 if TYPE_CHECKING:
     from .engine import Engine
 
-__all__ = ["ENCODE_BATCH", "DecodedImage", "read_image", "gallery_blobs", "CameraFilter",
+__all__ = ["ENCODE_BATCH", "DecodedImage", "DecodeBudget", "read_image", "gallery_blobs",
+           "CameraFilter",
            "RunningTopK", "QueryOutcome", "rank_gallery", "rank_view", "rank_streamed",
            "encode_probe"]
 
@@ -65,27 +68,60 @@ _DECODE_ERRORS = {
 }
 
 
+class DecodeBudget:
+    """Bytes of image decoding in flight in this process, bounded: an image whose decoding
+    (estimated from its header) would take the total past ``max_bytes`` is answered 503
+    ``overloaded`` at once, so that concurrent uploads of small files that decode big cannot
+    take the process's memory. One image at a time always fits (the per-image limit bounds
+    it)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self.in_flight = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        with self._lock:
+            if self.in_flight and self.in_flight + nbytes > self.max_bytes:
+                raise ServiceError(503, "overloaded",
+                                   f"images being decoded take {self.in_flight} bytes; this "
+                                   f"one needs {nbytes} more, past the {self.max_bytes} "
+                                   "allowed at once: retry", {"kind": "decode"},
+                                   {"Retry-After": "1"})
+            self.in_flight += nbytes
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_flight -= nbytes
+
+
 def read_image(data: bytes, engine: Engine, max_bytes: int, max_pixels: int,
                filename: str | None = None, index: int | None = None,
-               thumbnail: bool = False) -> DecodedImage:
+               thumbnail: bool = False, max_decode_bytes: int | None = None,
+               budget: DecodeBudget | None = None) -> DecodedImage:
     """Check and decode one uploaded image into the network's input (and its thumbnail,
     :func:`service.thumbnails.make_thumbnail`, when ``thumbnail``).
 
-    Raises :class:`ServiceError`: 413 for too many bytes or pixels (the pixel count is checked
-    from the header, before any pixel is decoded), 415 for a format the service does not take,
-    400 for anything unreadable (empty, truncated, not an image). The message names the file.
+    Raises :class:`ServiceError`: 413 for too many bytes, pixels or decoding bytes (checked
+    from the header, before any pixel is decoded), 415 for a format the service does not
+    take, 400 for anything unreadable (empty, truncated, not an image, NaN pixels), 503 when
+    ``budget`` has no room for its decoding now. The message names the file.
     """
     if len(data) > max_bytes:
         raise _image_error(413, "payload_too_large",
                            f"{len(data)} bytes; at most {max_bytes} bytes per image",
                            filename, index)
-    try:
-        image = decode_image(data, max_pixels)  # upright (EXIF applied), RGB
-    except ImageDecodeError as exc:
-        status, code = _DECODE_ERRORS[exc.reason]
-        raise _image_error(status, code, str(exc), filename, index) from exc
-    return DecodedImage(engine.preprocess(image), image.width, image.height,
-                        make_thumbnail(image) if thumbnail else None)
+    with budget.hold(header_decode_bytes(data)) if budget is not None else nullcontext():
+        try:
+            # upright (EXIF applied), RGB
+            image = decode_image(data, max_pixels, max_decode_bytes)
+        except ImageDecodeError as exc:
+            status, code = _DECODE_ERRORS[exc.reason]
+            raise _image_error(status, code, str(exc), filename, index) from exc
+        return DecodedImage(engine.preprocess(image), image.width, image.height,
+                            make_thumbnail(image) if thumbnail else None)
 
 
 def gallery_blobs(engine: Engine, tensors: Sequence[np.ndarray],

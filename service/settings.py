@@ -77,6 +77,13 @@ class Settings(BaseSettings):
     max_images_per_upload: int = Field(256, gt=0)
     max_pixels: int = Field(16_000_000, gt=0,
                             description="Most pixels in one image (decompression bombs)")
+    max_decode_bytes: int = Field(
+        128 * MiB, gt=0, description="Most memory decoding one image may take (estimated from "
+                                     "its header: pixels x bytes per pixel of its mode, and "
+                                     "the RGB copy); more is a 413")
+    max_decode_bytes_in_flight: int = Field(
+        512 * MiB, gt=0, description="Most memory all images being decoded at once may take in "
+                                     "a worker; past it an upload or query is answered 503")
     max_metadata_bytes: int = Field(16 * 1024, gt=0, description="Most bytes of metadata JSON "
                                                                  "per image")
     score_batch: int = Field(256, gt=0, description="Gallery items fetched and scored at once")

@@ -8,9 +8,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import APIRouter, Depends, Query, Response
 
 from ..auth import ApiKey
-from ..deps import current_key, get_engine, get_metrics, get_settings, get_store
+from ..deps import (
+    current_key,
+    get_decode_budget,
+    get_engine,
+    get_metrics,
+    get_settings,
+    get_store,
+)
 from ..errors import ServiceError
-from ..matching import gallery_blobs, read_image
+from ..matching import DecodeBudget, gallery_blobs, read_image
 from ..metrics import ServiceMetrics
 from ..schemas import (
     DeletedGallery,
@@ -123,7 +130,8 @@ def upload_images(gallery: GalleryName, form: Annotated[UploadForm, MULTIPART],
                   engine: Engine = Depends(get_engine),
                   store: GalleryStore = Depends(get_store),
                   settings: Settings = Depends(get_settings),
-                  metrics: ServiceMetrics = Depends(get_metrics)) -> UploadResponse:
+                  metrics: ServiceMetrics = Depends(get_metrics),
+                  budget: DecodeBudget = Depends(get_decode_budget)) -> UploadResponse:
     """Store one or many images in a gallery (created if new), all or nothing: if any file
     is bad, nothing of the upload is stored and the error names the file.
 
@@ -142,7 +150,8 @@ def upload_images(gallery: GalleryName, form: Annotated[UploadForm, MULTIPART],
     for k, upload in enumerate(form.images):
         data = upload.file.read(settings.max_image_bytes + 1)
         decoded.append(read_image(data, engine, settings.max_image_bytes, settings.max_pixels,
-                                  upload.filename, k, thumbnail=True))
+                                  upload.filename, k, thumbnail=True,
+                                  max_decode_bytes=settings.max_decode_bytes, budget=budget))
     blobs = gallery_blobs(engine, [d.tensor for d in decoded],
                           [upload.filename for upload in form.images])
     for item_blobs, d in zip(blobs, decoded, strict=True):

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Annotated
 import numpy as np
 from fastapi import APIRouter, Depends
 
-from ..deps import get_cache, get_engine, get_metrics, get_settings, get_store
+from ..deps import get_cache, get_decode_budget, get_engine, get_metrics, get_settings, get_store
 from ..errors import ServiceError
-from ..matching import CameraFilter, encode_probe, rank_gallery, read_image
+from ..matching import CameraFilter, DecodeBudget, encode_probe, rank_gallery, read_image
 from ..metrics import ServiceMetrics
 from ..schemas import QueryForm, QueryResponse, QueryResult, QueryTimings
 from ..settings import Settings
@@ -38,7 +38,8 @@ def query_gallery(gallery: GalleryName, form: Annotated[QueryForm, MULTIPART],
                   store: GalleryStore = Depends(get_store),
                   settings: Settings = Depends(get_settings),
                   metrics: ServiceMetrics = Depends(get_metrics),
-                  cache: ResidentCache | None = Depends(get_cache)) -> QueryResponse:
+                  cache: ResidentCache | None = Depends(get_cache),
+                  budget: DecodeBudget = Depends(get_decode_budget)) -> QueryResponse:
     """Score the probe `image` against the gallery and return the `top_k` best matches,
     best first, with the time spent encoding the probe, fetching and scoring the gallery.
 
@@ -62,7 +63,8 @@ def query_gallery(gallery: GalleryName, form: Annotated[QueryForm, MULTIPART],
                            details={"gallery": gallery})
     data = form.image.file.read(settings.max_image_bytes + 1)
     decoded = read_image(data, engine, settings.max_image_bytes, settings.max_pixels,
-                         form.image.filename)
+                         form.image.filename, max_decode_bytes=settings.max_decode_bytes,
+                         budget=budget)
     probe = encode_probe(engine, decoded.tensor)
     encode_s = time.perf_counter() - start
     rerank = settings.rerank if form.rerank is None else form.rerank
