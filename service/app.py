@@ -28,7 +28,7 @@ from .middleware import AdmissionMiddleware, ApiKeyMiddleware, BodyLimitMiddlewa
 from .routers import console, docs, galleries, health, query
 from .routers.common import errors
 from .settings import Settings
-from .store import GalleryStore, MemoryGalleryStore, RedisGalleryStore
+from .store import GalleryStore, MemoryGalleryStore, RedisGalleryStore, StoreUnavailable
 from .store.resident import ResidentCache
 
 if TYPE_CHECKING:
@@ -102,6 +102,10 @@ def _attach(app: FastAPI, engine: Engine, store: GalleryStore | None) -> None:
     max_bytes = state.settings.cache_max_bytes
     state.cache = ResidentCache(engine.codec, max_bytes,
                                 EMBEDDING_FIELD) if max_bytes else None
+    try:
+        store.finish_deletions()  # a deletion cut short by a stop leaves no garbage behind
+    except StoreUnavailable as exc:  # the next start (or the next one's) finishes it
+        log.warning("could not finish interrupted deletions: %s", exc)
     state.store = store
     state.engine = engine
     state.model_status = "ok"

@@ -250,6 +250,10 @@ class GalleryStore(Protocol):
         deleted since, or no longer exists) or more than ``CHANGE_LOG_MAX`` changes behind;
         the reader then reloads the gallery."""
 
+    def finish_deletions(self) -> int:
+        """Finish gallery deletions that a stopped process left half done (their galleries
+        are already gone; their items are removed now) -> how many were finished."""
+
     def clear(self) -> None:
         """Delete everything this store wrote under its namespace (and nothing else)."""
 

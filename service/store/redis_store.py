@@ -12,7 +12,9 @@ activations of two models never mix):
   created) and ``n`` (writes so far);
 - ``log:{gallery}``: stream of the gallery's last writes (``n``, ``op``, ``ids`` as a JSON
   list), about ``CHANGE_LOG_MAX`` long, read by processes that keep the gallery resident;
-- ``trash:{uuid}``: a deleted gallery's id set while its items are being removed.
+- ``trash:{uuid}:{gallery}``: a deleted gallery's id set while its items are being removed;
+  one left by a stopped process is finished by :meth:`RedisGalleryStore.finish_deletions`
+  (the service calls it at start).
 
 An upload is one MULTI/EXEC transaction, and so is a deletion; both advance the generation
 and append to the change stream inside it (small Lua scripts), so a reader that sees a
@@ -48,6 +50,11 @@ from .base import (
 __all__ = ["RedisGalleryStore"]
 
 log = logging.getLogger(__name__)
+
+
+def _glob_escape(key: bytes) -> bytes:
+    """``key`` with Redis glob characters escaped, to match it literally in SCAN."""
+    return re.sub(rb"([*?\[\]\\])", rb"\\\1", key)
 
 _META = b"meta"
 _DRAIN_CHUNK = 500
@@ -260,7 +267,8 @@ class RedisGalleryStore:
 
     def delete_gallery(self, gallery: str) -> int | None:
         ids_key = self._ids_key(gallery)
-        trash = self._key("trash", uuid.uuid4().hex)
+        # The gallery's name is in the key: a sweep after a crash knows whose items to remove.
+        trash = self._key("trash", uuid.uuid4().hex, gallery)
 
         def detach(pipe: redis.client.Pipeline) -> tuple[bool, int]:
             exists = pipe.sismember(self._galleries_key(), gallery)
@@ -280,6 +288,22 @@ class RedisGalleryStore:
             if size:
                 self._drain(gallery, trash)
         return size if exists else None
+
+    def finish_deletions(self) -> int:
+        finished = 0
+        start = len(self._key("trash", ""))
+        with self._guard("finish interrupted deletions"):
+            pattern = _glob_escape(self._key("trash", "")) + b"*"
+            for key in self.client.scan_iter(match=pattern, count=500):
+                _, _, gallery = key[start:].decode().partition(":")  # "{uuid}:{gallery}"
+                if not gallery:
+                    continue
+                self._drain(gallery, key)
+                finished += 1
+        if finished:
+            log.warning("finished %d gallery deletion(s) that a stopped process left half "
+                        "done", finished)
+        return finished
 
     def _drain(self, gallery: str, ids_key: bytes) -> None:
         while True:
@@ -374,7 +398,7 @@ class RedisGalleryStore:
         return now, changes
 
     def clear(self) -> None:
-        pattern = re.sub(rb"([*?\[\]\\])", rb"\\\1", self._base) + b"*"
+        pattern = _glob_escape(self._base) + b"*"
         with self._guard("clear the namespace"):
             batch: list[bytes] = []
             for key in self.client.scan_iter(match=pattern, count=1000):

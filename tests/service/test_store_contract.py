@@ -347,3 +347,47 @@ def test_redis_deleting_unknown_names_creates_no_keys(redis_prefix):
         store.delete_item(f"g{k}", new_image_id())
         store.delete_gallery(f"h{k}")
     assert list(store.client.scan_iter(match=redis_prefix + "*")) == []
+
+
+def test_redis_a_deletion_cut_short_is_finished_at_the_next_start(redis_prefix, monkeypatch):
+    store = RedisGalleryStore(REDIS_URL, namespace="m:[x]", prefix=redis_prefix)
+    store.add_items("doomed:gallery", new_items(7))
+
+    def stop(gallery, ids_key):  # the process dies between the two steps
+        raise KeyboardInterrupt
+    monkeypatch.setattr(store, "_drain", stop)
+    with pytest.raises(KeyboardInterrupt):
+        store.delete_gallery("doomed:gallery")
+    assert store.gallery_size("doomed:gallery") is None  # gone for readers at once
+    left = list(store.client.scan_iter(match=redis_prefix + "*"))
+    assert any(b":trash:" in k for k in left) and any(b":i:doomed:gallery:" in k for k in left)
+    store.add_items("doomed:gallery", new_items(3))  # a new gallery of the same name meanwhile
+
+    restarted = RedisGalleryStore(REDIS_URL, namespace="m:[x]", prefix=redis_prefix)
+    assert restarted.finish_deletions() == 1
+    left = list(restarted.client.scan_iter(match=redis_prefix + "*"))
+    assert not any(b":trash:" in k for k in left)
+    assert len([k for k in left if b":i:doomed:gallery:" in k]) == 3
+    assert restarted.gallery_size("doomed:gallery") == 3
+    assert restarted.finish_deletions() == 0
+
+
+def test_redis_the_service_finishes_interrupted_deletions_when_it_starts(redis_prefix,
+                                                                         monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app, store_namespace
+    from service.settings import Settings
+    from tests.service_support import service_engine
+
+    engine = service_engine()
+    store = RedisGalleryStore(REDIS_URL, namespace=store_namespace(engine), prefix=redis_prefix)
+    store.add_items("g", new_items(4))
+    monkeypatch.setattr(store, "_drain", lambda gallery, key: None)  # stopped before draining
+    store.delete_gallery("g")
+    monkeypatch.undo()
+    assert any(b":trash:" in k for k in store.client.scan_iter(match=redis_prefix + "*"))
+    with TestClient(create_app(Settings(), engine=engine, store=store)) as client:
+        assert client.get("/readyz").status_code == 200
+    left = list(store.client.scan_iter(match=redis_prefix + "*"))
+    assert not any(b":trash:" in k or b":i:" in k for k in left)
