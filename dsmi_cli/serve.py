@@ -39,6 +39,7 @@ def _log_config(level: str) -> dict:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from service.protocol import PROTOCOL
     from service.settings import Settings
 
     if args.model_dir:
@@ -73,5 +74,6 @@ def run(args: argparse.Namespace) -> int:
     level = settings.log_level.lower()
     uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port,
                 workers=args.workers, log_level=level, log_config=_log_config(level),
-                timeout_keep_alive=settings.keep_alive_seconds)
+                timeout_keep_alive=settings.keep_alive_seconds,
+                http=PROTOCOL)
     return 0

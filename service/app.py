@@ -24,7 +24,12 @@ from .deps import require_api_key
 from .errors import install_error_handlers
 from .matching import DecodeBudget
 from .metrics import MetricsMiddleware, ServiceMetrics
-from .middleware import AdmissionMiddleware, ApiKeyMiddleware, BodyLimitMiddleware
+from .middleware import (
+    AdmissionMiddleware,
+    ApiKeyMiddleware,
+    BodyDeadlineMiddleware,
+    BodyLimitMiddleware,
+)
 from .routers import console, docs, galleries, health, query
 from .routers.common import errors
 from .settings import Settings
@@ -182,6 +187,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
     # Added innermost first. The API key is checked before the body is read, the body size
     # while it is read; the metrics see every answer, labelled by route template.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(BodyDeadlineMiddleware, grace_s=settings.body_grace_seconds,
+                       min_rate=settings.body_min_rate)
     app.add_middleware(AdmissionMiddleware,
                        limits={"query": settings.max_inflight_queries,
                                "upload": settings.max_inflight_uploads},

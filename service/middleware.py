@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -10,7 +12,8 @@ from .auth import KeyRing, gallery_path
 from .deps import authorize
 from .errors import error_response
 
-__all__ = ["BodyLimitMiddleware", "ApiKeyMiddleware", "AdmissionMiddleware", "work_kind"]
+__all__ = ["BodyLimitMiddleware", "BodyDeadlineMiddleware", "ApiKeyMiddleware",
+           "AdmissionMiddleware", "work_kind", "client_of"]
 
 
 class BodyTooLarge(HTTPException):
@@ -55,6 +58,46 @@ class BodyLimitMiddleware:
         await self.app(scope, receive_within_limit, send)
 
 
+class RequestTimeout(HTTPException):
+    def __init__(self, message: str) -> None:
+        super().__init__(status_code=408, detail=message, headers={"Connection": "close"})
+
+
+class BodyDeadlineMiddleware:
+    """Answers 408 when a request body arrives too slowly: after ``grace_s`` seconds, the
+    body read so far must have come at ``min_rate`` bytes per second or more on average. A
+    client dribbling bytes cannot hold the admission slot its request took (or a worker
+    thread) for long; a slow but steady upload is not refused."""
+
+    def __init__(self, app: ASGIApp, grace_s: float, min_rate: float) -> None:
+        self.app = app
+        self.grace_s, self.min_rate = float(grace_s), float(min_rate)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        received = 0
+
+        async def receive_in_time() -> Message:
+            nonlocal received
+            deadline = started + self.grace_s + received / self.min_rate
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"the request body came too slowly: {received} bytes in "
+                    f"{loop.time() - started:.0f} s; after {self.grace_s:.0f} s at least "
+                    f"{self.min_rate:.0f} bytes per second are expected") from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+            return message
+
+        await self.app(scope, receive_in_time, send)
+
+
 class ApiKeyMiddleware:
     """Answers 401 (no valid key) or 403 (a key without the right or the gallery) before a
     request's body is read or validated: an unauthorised client gets nothing parsed. The
@@ -88,17 +131,31 @@ def work_kind(method: str, path: str) -> str | None:
     return _WORK.get(parts[1]) if method == "POST" and parts else None
 
 
+def client_of(scope: Scope) -> str:
+    """Who a request counts against: its API key's name when keys are on, else the client's
+    address."""
+    key = scope.get("state", {}).get("api_key")
+    if key is not None:
+        return f"key:{getattr(key, 'name', None) or id(key)}"
+    client = scope.get("client")
+    return f"addr:{client[0]}" if client else "addr:unknown"
+
+
 class AdmissionMiddleware:
-    """Bounds the queries and the uploads in flight, each kind on its own: past its bound a
-    request is answered 503 ``overloaded`` with ``Retry-After`` at once, before its body is
-    read, instead of waiting in a queue that only grows. Runs on the event loop, so the
-    counts need no lock. ``on_refuse(kind)`` is called for each refused request."""
+    """Bounds the queries and the uploads in flight, each kind on its own and per client (API
+    key, or address without keys), so that one client's requests cannot take every slot:
+    past a client's bound, or the worker's (``total_factor`` times it), a request is answered
+    503 ``overloaded`` with ``Retry-After`` at once, before its body is read, instead of
+    waiting in a queue that only grows. Runs on the event loop, so the counts need no lock.
+    ``on_refuse(kind)`` is called for each refused request."""
 
     def __init__(self, app: ASGIApp, limits: dict[str, int], retry_after: int = 1,
-                 on_refuse=None) -> None:
+                 on_refuse=None, total_factor: int = 4) -> None:
         self.app = app
         self.limits = dict(limits)
+        self.total_limits = {kind: limit * total_factor for kind, limit in self.limits.items()}
         self.in_flight = {kind: 0 for kind in self.limits}
+        self.by_client: dict[tuple[str, str], int] = {}
         self.retry_after = retry_after
         self.on_refuse = on_refuse
 
@@ -108,18 +165,27 @@ class AdmissionMiddleware:
         if kind is None or kind not in self.limits:
             await self.app(scope, receive, send)
             return
-        if self.in_flight[kind] >= self.limits[kind]:
+        slot = (kind, client_of(scope))
+        mine = self.by_client.get(slot, 0)
+        if mine >= self.limits[kind] or self.in_flight[kind] >= self.total_limits[kind]:
             if self.on_refuse is not None:
                 self.on_refuse(kind)
+            whose = "this client's" if mine >= self.limits[kind] else "the service's"
+            limit = self.limits[kind] if mine >= self.limits[kind] else self.total_limits[kind]
             response = error_response(
-                503, "overloaded", f"the service is at its limit of {self.limits[kind]} "
-                f"{kind} requests in flight; retry after {self.retry_after} s",
-                {"kind": kind, "limit": self.limits[kind]},
+                503, "overloaded", f"{whose} limit of {limit} {kind} requests in flight is "
+                f"reached; retry after {self.retry_after} s", {"kind": kind, "limit": limit},
                 {"Retry-After": str(self.retry_after)})
             await response(scope, receive, send)
             return
         self.in_flight[kind] += 1
+        self.by_client[slot] = mine + 1
         try:
             await self.app(scope, receive, send)
         finally:
             self.in_flight[kind] -= 1
+            left = self.by_client[slot] - 1
+            if left:
+                self.by_client[slot] = left
+            else:
+                del self.by_client[slot]  # no entry kept per client that has gone

@@ -116,6 +116,16 @@ class Settings(BaseSettings):
         75.0, gt=0, description="How long an idle HTTP connection stays open. Above the "
                                 "clients' own idle expiry (httpx: 5 s), so that a client never "
                                 "reuses a connection the server is closing at that moment")
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, description="A request's headers must be complete this long after its "
+                                "connection opened (or its first byte came); else the "
+                                "connection is closed (dsmi serve)")
+    body_grace_seconds: float = Field(
+        10.0, gt=0, description="How long a request body may take before body_min_rate "
+                                "applies")
+    body_min_rate: float = Field(
+        8192.0, gt=0, description="After body_grace_seconds, the least average rate of a "
+                                  "request body, bytes per second; slower is a 408")
     warmup: bool = True
     log_level: str = "info"
 

@@ -239,7 +239,8 @@ def test_admission_refuses_past_the_bound_at_once_and_counts_kinds_apart():
         async def receive():
             return {"type": "http.request", "body": b"", "more_body": False}
 
-        scope = {"type": "http", "method": "POST", "path": path, "headers": []}
+        scope = {"type": "http", "method": "POST", "path": path, "headers": [],
+                 "client": ("10.0.0.1", 1234)}
         await app(scope, receive, send)
         return statuses[0], headers
 
@@ -270,14 +271,14 @@ def test_an_overloaded_service_answers_503_with_the_error_shape(engine):
         node = middleware
         while not hasattr(node, "in_flight"):
             node = node.app
-        node.in_flight["query"] = 1
+        node.by_client[("query", "addr:testclient")] = 1
         app.middleware_stack = middleware
         r = c.post("/v1/galleries/g/query",
                    files={"image": ("p.jpg", image_bytes(2), "application/octet-stream")})
         error = assert_error(r, 503, "overloaded")
         assert error["details"] == {"kind": "query", "limit": 1} and r.headers["retry-after"]
         assert c.get("/v1/galleries/g/images").status_code == 200  # reads are not bounded
-        node.in_flight["query"] = 0
+        del node.by_client[("query", "addr:testclient")]
         r = c.post("/v1/galleries/g/query",
                    files={"image": ("p.jpg", image_bytes(2), "application/octet-stream")})
         assert r.status_code == 200
