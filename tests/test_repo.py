@@ -79,6 +79,6 @@ def test_tests_mirror_the_packages():
     # tests/<package>/ for each package's tests; only repository-wide checks at the top.
     top = sorted(p.name for p in (ROOT / "tests").glob("test_*.py"))
     assert top == ["test_deploy.py", "test_repo.py"]
-    for package in ("model", "training", "service", "bench"):
+    for package in ("model", "training", "service", "bench", "dsmi_cli"):
         assert (ROOT / package).is_dir()
         assert list((ROOT / "tests" / package).glob("test_*.py")), package
