@@ -13,13 +13,17 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["machine_info", "write_results", "tile_gallery", "before_model_dir",
-           "before_engine", "BEFORE_COMMIT"]
+           "before_engine", "small_model_dir", "BEFORE_COMMIT", "SMALL_MODEL_COMMIT"]
 
 ROOT = Path(__file__).resolve().parents[1]
 # The last commit whose bundled model has the channels-first head (one chunk at a time): the
 # service as issue 11 measured it. Its head scores what today's does (max |difference| 2.4e-7
 # on 200 CUHK03 images, scripts/rebuild_head.py), more slowly.
 BEFORE_COMMIT = "da2961c"
+# The last commit whose bundled model is dsmi-small (with today's channels-last head): the
+# model the head and gallery benchmarks compare with BEFORE_COMMIT's, and the one the
+# Lite0 model replaced (bench.model_bench).
+SMALL_MODEL_COMMIT = "42da5b2"
 
 
 def machine_info() -> dict:
@@ -100,6 +104,12 @@ def before_model_dir(path: Path | None = None, commit: str = BEFORE_COMMIT) -> P
         with tarfile.open(fileobj=fh) as tar:
             tar.extractall(target, filter="data")
     return target / "service" / "default_model"
+
+
+def small_model_dir(path: Path | None = None) -> Path:
+    """The dsmi-small model as bundled at :data:`SMALL_MODEL_COMMIT` (out of git), or
+    ``path``."""
+    return before_model_dir(path, SMALL_MODEL_COMMIT)
 
 
 def before_engine(model_id: str, path: Path | None = None):

@@ -314,7 +314,10 @@ def print_table(result: dict) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     engine = Engine(args.model_dir, providers=["cpu"])
-    before = None if args.no_before else before_engine(engine.model_id, args.before_model_dir)
+    # The 'before' design is the same model with its old head: only for dsmi-small.
+    same_model = args.before_model_dir is not None or engine.variant == "dsmi-small"
+    before = (before_engine(engine.model_id, args.before_model_dir)
+              if same_model and not args.no_before else None)
     machine = machine_info()
     pool, maps, labels = real_pool(engine, args.real)
     probes = [data for data, _, _ in real_images(50, "val")]

@@ -42,12 +42,12 @@ from bench.common import (  # noqa: E402
     BEFORE_COMMIT,
     before_engine,
     machine_info,
+    small_model_dir,
     tile_gallery,
     write_results,
 )
 from bench.gallery_bench import real_images  # noqa: E402
 from service.engine import Engine  # noqa: E402
-from service.settings import DEFAULT_MODEL_DIR  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,7 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=10_000, help="gallery items per query")
     p.add_argument("--rounds", type=int, default=7, help="timed queries per design")
     p.add_argument("--real", type=int, default=500, help="real CUHK03 images encoded")
-    p.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    p.add_argument("--model-dir", type=Path, default=None,
+                   help="dsmi-small with today's head (default: as bundled at commit "
+                        "SMALL_MODEL_COMMIT, from git)")
     p.add_argument("--before-model-dir", type=Path, default=None,
                    help="model folder with the old head (default: the bundled model of "
                         "commit BEFORE_COMMIT, from git)")
@@ -91,6 +93,7 @@ def profile(model_dir: Path, probe: dict, gallery: dict, runs: int = 20) -> dict
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.model_dir = small_model_dir(args.model_dir)
     today = Engine(args.model_dir, providers=["cpu"])
     engines = {"before": before_engine(today.model_id, args.before_model_dir),
                "serial": Engine(args.model_dir, providers=["cpu"], head_threads=1),

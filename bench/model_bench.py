@@ -12,7 +12,8 @@ holds per item.
     .venv/bin/python -m bench.model_bench --size 2000 --queries 10
 
 ``--before-model-dir`` / ``--model-dir`` name the two folders; by default the model bundled at
-commit :data:`PREVIOUS_COMMIT` (taken out of git) and today's ``service/default_model``.
+commit ``bench.common.SMALL_MODEL_COMMIT`` (taken out of git) and today's
+``service/default_model``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from bench.common import before_model_dir, machine_info, write_results
+from bench.common import machine_info, small_model_dir, write_results
 from bench.gallery_bench import (
     fill_redis,
     real_images,
@@ -39,7 +40,6 @@ from service.settings import DEFAULT_MODEL_DIR, Settings
 from service.store import RedisGalleryStore
 
 ROOT = Path(__file__).resolve().parents[1]
-PREVIOUS_COMMIT = "42da5b2"  # the last commit whose bundled model is dsmi-small
 
 
 def upload_rate(engine: Engine, images: list[tuple[bytes, str, str]], batch: int = 32,
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "model.json")
     args = p.parse_args(argv)
-    models = {"before": before_model_dir(args.before_model_dir, PREVIOUS_COMMIT),
+    models = {"before": small_model_dir(args.before_model_dir),
               "now": args.model_dir}
     uploads = real_images(args.uploads + 32, "train")
     probes = [data for data, _, _ in real_images(args.queries + args.warmup, "val")]

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from training.calibration import read_calibration
 from training.evaluate import DATASETS, checkpoint_distances, evaluate_and_write, load_eval_data
 from training.report import format_report
 
@@ -109,11 +110,15 @@ def run(args: argparse.Namespace) -> int:
                 "options": {k: (str(v) if isinstance(v, Path) else v)
                             for k, v in vars(args).items() if not k.startswith("_")},
                 "timing_s": {"distances": round(time.perf_counter() - t0, 3)}}
+        # The probability is calibrated for the head's scores, not the embedding alone's.
+        calibration = (read_calibration(args.checkpoint)
+                       if args.checkpoint is not None and not args.embedding_only else None)
         report = evaluate_and_write(dist, data.queries, data.gallery, args.out, meta=meta,
                                     trials=args.trials, seed=args.seed,
                                     max_rank=args.max_rank, keep_pids=data.keep_pids,
                                     ranked_queries=args.ranked_queries,
-                                    save_distances=args.save_distances)
+                                    save_distances=args.save_distances,
+                                    calibration=calibration)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"dsmi evaluate: {exc}", file=sys.stderr)
         return 2

@@ -16,12 +16,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "repeat": ("dsmi_cli.repeat", "train and evaluate over several seeded splits (VIPeR x10)"),
     "table": ("dsmi_cli.table", "print the figures of evaluation reports side by side"),
     "evaluate": ("dsmi_cli.evaluate", "CMC/mAP of a checkpoint or baseline on a re-id test set"),
+    "calibrate": ("dsmi_cli.calibrate", "fit a run's match probability on held-out identities"),
     "variants": ("dsmi_cli.variants", "list the model variants with their sizes"),
     "export": ("dsmi_cli.export", "export a checkpoint or variant to ONNX for the service"),
     "serve": ("dsmi_cli.serve", "run the matching service (FastAPI, ONNX Runtime, Redis cache)"),
 }
 # Commands that train or run PyTorch at length: started under a caching allocator.
-ALLOCATOR_COMMANDS = ("train", "repeat", "evaluate")
+ALLOCATOR_COMMANDS = ("train", "repeat", "evaluate", "calibrate")
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from model.calibration import Calibration
+
 from .calibration import cross_camera_pairs, read_calibration, reliability
 from .data import registry
 from .data.records import ImageRecord
@@ -85,9 +87,13 @@ def evaluate_and_write(distmat: np.ndarray, queries: Sequence[ImageRecord],
                        gallery: Sequence[ImageRecord], out: str | Path, *, meta: dict,
                        trials: int = 10, seed: int = 0, max_rank: int = 20,
                        keep_pids: Sequence[int] = (), ranked_queries: int = 6,
-                       save_distances: bool = False) -> dict:
+                       save_distances: bool = False,
+                       calibration: Calibration | None = None) -> dict:
     """:func:`evaluate_distances`, then ``report.json``, ``cmc.png``, ``ranked.png`` (and
-    ``distances.npz`` if asked) in ``out`` -> the report (with a ``summary``)."""
+    ``distances.npz`` if asked) in ``out`` -> the report (with a ``summary``). With a
+    ``calibration`` (a model's match probability), its reliability on these cross-camera
+    pairs too: ``report["calibration"]`` (with the expected calibration error) and
+    ``reliability.png``."""
     started = time.perf_counter()
     report = evaluate_distances(distmat, queries, gallery, trials=trials, seed=seed,
                                 max_rank=max_rank, keep_pids=keep_pids, meta=meta)
@@ -105,6 +111,13 @@ def evaluate_and_write(distmat: np.ndarray, queries: Sequence[ImageRecord],
                             gallery_camids=g_cams,
                             query_paths=np.asarray([str(r.path) for r in queries]),
                             gallery_paths=np.asarray([str(r.path) for r in gallery]))
+    if calibration is not None:
+        # How well the held-out fit's probabilities hold on this test set.
+        (q_pids, q_cams), (g_pids, g_cams) = record_ids(queries), record_ids(gallery)
+        scores, same = cross_camera_pairs(distmat, q_pids, g_pids, q_cams, g_cams)
+        table = reliability(calibration.probability(scores), same)
+        report["calibration"] = {**calibration.to_dict(), **table}
+        plot_reliability(table, out / "reliability.png")
     timing = dict(report.get("timing_s") or {})
     timing["metrics_and_figures"] = round(time.perf_counter() - started, 3)
     report["timing_s"] = timing
@@ -134,16 +147,7 @@ def evaluate_run(checkpoint: str | Path, data, out: str | Path, *, device: str =
                                             batch_size=batch_size, progress=progress)
     meta = {**meta, "model": model_info,
             "timing_s": {"distances": round(time.perf_counter() - t0, 3)}}
-    report = evaluate_and_write(dist, queries, gallery, out, meta=meta, trials=trials,
-                                seed=seed, max_rank=max_rank, keep_pids=keep,
-                                ranked_queries=ranked_queries)
-    calibration = read_calibration(checkpoint)
-    if calibration is not None:
-        # How well the held-out fit's probabilities hold on this test set.
-        (q_pids, q_cams), (g_pids, g_cams) = record_ids(queries), record_ids(gallery)
-        scores, same = cross_camera_pairs(dist, q_pids, g_pids, q_cams, g_cams)
-        table = reliability(calibration.probability(scores), same)
-        report["calibration"] = {**calibration.to_dict(), **table}
-        plot_reliability(table, Path(out) / "reliability.png")
-        write_report(report, Path(out) / "report.json")
-    return report
+    return evaluate_and_write(dist, queries, gallery, out, meta=meta, trials=trials,
+                              seed=seed, max_rank=max_rank, keep_pids=keep,
+                              ranked_queries=ranked_queries,
+                              calibration=read_calibration(checkpoint))

@@ -7,9 +7,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from bench.common import BEFORE_COMMIT, before_model_dir
+from bench.common import BEFORE_COMMIT, before_model_dir, small_model_dir
 from service.engine import Engine
-from service.settings import DEFAULT_MODEL_DIR
 from tests.conftest import DATA_DIR, ROOT
 
 
@@ -25,13 +24,13 @@ needs_history = pytest.mark.skipif(not _has_before_commit(),
 
 @needs_history
 def test_the_before_model_is_the_bundled_model_with_its_old_head():
-    before = before_model_dir()
+    before, small = before_model_dir(), small_model_dir()
     manifest = json.loads((before / "manifest.json").read_text())
-    today = json.loads((DEFAULT_MODEL_DIR / "manifest.json").read_text())
+    today = json.loads((small / "manifest.json").read_text())
     assert manifest["model_id"] == today["model_id"]
-    assert (before / "head.onnx").read_bytes() != (DEFAULT_MODEL_DIR / "head.onnx").read_bytes()
+    assert (before / "head.onnx").read_bytes() != (small / "head.onnx").read_bytes()
     old = Engine(before, providers=["cpu"], head_threads=1)
-    new = Engine(DEFAULT_MODEL_DIR, providers=["cpu"])
+    new = Engine(small, providers=["cpu"])
     rng = np.random.default_rng(0)
     maps = np.maximum(rng.normal(size=(30, *new.map_shape)), 0).astype(np.float32)
     probe, gallery = new.prepare_probe(maps[:1]), new.prepare_gallery(maps)

@@ -12,6 +12,7 @@ it is missing; without it (or the shared data) these tests skip and say why.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import time
@@ -103,7 +104,8 @@ def test_upload_browse_query_and_delete_through_the_console(server, browser):
         return browser.find_element(By.CSS_SELECTOR, f'[data-testid="{testid}"]')
 
     browser.get(server.url + "/")
-    wait_for(lambda: "model dsmi-small" in el("status").text, what="the status line")
+    variant = json.loads((DEFAULT_MODEL_DIR / "manifest.json").read_text())["variant"]
+    wait_for(lambda: f"model {variant}" in el("status").text, what="the status line")
     # Without the key the API refuses, and the page says what to do.
     wait_for(lambda: "API key" in el("message").text, what="the key hint")
     el("api-key").send_keys(KEY)
