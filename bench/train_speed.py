@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 timed steps instead of 8")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/train-speed.json")
+    parser.add_argument("--only", nargs="+", metavar="DESIGN:ALLOCATOR",
+                        help="run only these of the run's pairs, e.g. before:system "
+                             "before:tcmalloc (the first is the baseline of the ratios)")
     parser.add_argument("--worker", choices=DESIGNS, help=argparse.SUPPRESS)
     parser.add_argument("--manifest", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=8, help=argparse.SUPPRESS)
@@ -143,10 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args.worker, args.manifest, args.steps)))
         return 0
     steps = 3 if args.quick else args.steps
+    runs = [tuple(pair.split(":", 1)) for pair in args.only] if args.only else RUNS
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         manifest = make_images(Path(tmp))
-        for design, allocator in RUNS:
+        for design, allocator in runs:
             row = run_one(design, allocator, manifest, steps)
             rows.append(row)
             if "skipped" in row:
@@ -155,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{design:<12} {allocator:<9} {row['images_per_s']:7.1f} images/s  "
                   f"{row['kernel_s_per_step']:6.2f} s kernel/step  "
                   f"{row['cuhk03_epoch_min']:5.2f} min/CUHK03 epoch", flush=True)
-    base = next(r for r in rows if r["design"] == "before" and r["allocator"] == "system")
+    base = next(r for r in rows if "skipped" not in r)
     print("\n| design | allocator | input | batch | images/s | kernel s/step | "
-          "min per CUHK03 epoch | vs before, system malloc |")
+          f"min per CUHK03 epoch | vs {base['design']}, {base['allocator']} |")
     print("|---|---|---|---|---:|---:|---:|---:|")
     for r in rows:
         if "skipped" in r:
