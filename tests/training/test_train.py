@@ -43,6 +43,9 @@ def test_train_writes_log_checkpoints_and_report(tiny_manifest, tmp_path, capsys
     calibration = json.loads((out / "calibration.json").read_text())
     assert calibration["a"] > 0 and calibration["pairs"] > 0
     assert 0 <= report["calibration"]["ece"] <= 1 and (out / "eval" / "reliability.png").is_file()
+    (out / "calibration.json").unlink()
+    assert main(["calibrate", "--run", str(out)]) == 0  # the same fit, by hand
+    assert json.loads((out / "calibration.json").read_text()) == calibration
 
 
 def test_resume_continues_where_it_stopped(tiny_manifest, tmp_path):
