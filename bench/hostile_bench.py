@@ -124,7 +124,7 @@ def bench_slow(engine, seconds: float) -> dict:
             sock = socket.create_connection(("127.0.0.1", server.port))
             sock.settimeout(0.3)
             sock.send(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data;"
-                      f" boundary=b\r\nContent-Length: 1000000\r\n\r\n".encode())
+                      f" boundary=b\r\nContent-Length: 1000000\r\n\r\n--b\r\n".encode())
             data = b""
             while not stop.is_set():
                 try:

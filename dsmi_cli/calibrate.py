@@ -20,6 +20,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default="best.pt",
                         help="the checkpoint in the run folder (default best.pt)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--mirror-average", action="store_true",
+                        help="calibrate the scores of the model with test-time flip, as "
+                             "'dsmi export --mirror-average' exports it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.run / "config.yaml")
     data = prepare_data(cfg.data)
     calibration = calibrate_checkpoint(args.run / args.checkpoint, data.val_queries,
-                                       data.val_gallery, device=args.device)
+                                       data.val_gallery, device=args.device,
+                                       mirror_average=args.mirror_average)
     print(f"match probability: a={calibration.a:.4f} b={calibration.b:.4f} "
           f"({calibration.fitted_on}) -> {args.run / 'calibration.json'}")
     return 0

@@ -121,7 +121,8 @@ class _Pair(nn.Module):
 def model_id(net: MatchingNetwork) -> str:
     """A short sha256 of the weights and of the architecture they are for.
 
-    Same weights in the same architecture -> the same id; any changed weight -> another id.
+    Same weights in the same architecture -> the same id; any changed weight, or test-time
+    flip (``mirror_average``), -> another id.
     The architecture (``net.spec`` without the pretrained-weight sources) is hashed too,
     because two variants with equal weight shapes (the gate with and without its sigmoid)
     compute different things. ``num_batches_tracked`` counters are left out: they do not
@@ -133,6 +134,8 @@ def model_id(net: MatchingNetwork) -> str:
         arch = {k: v for k, v in dataclasses.asdict(spec).items()
                 if k not in ("weights", "weights_b")}
         digest.update(json.dumps(arch, sort_keys=True, default=list).encode())
+    if net.mirror_average:  # other maps from the same weights: another cache namespace
+        digest.update(b"mirror_average")
     for name, tensor in sorted(net.state_dict().items()):
         if name.endswith("num_batches_tracked"):
             continue

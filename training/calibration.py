@@ -85,16 +85,17 @@ CALIBRATION_FILE = "calibration.json"  # beside a run's checkpoints; the export 
 
 
 def calibrate_checkpoint(checkpoint, queries, gallery, device: str = "cpu",
-                         progress: bool = False) -> Calibration:
+                         progress: bool = False, mirror_average: bool = False) -> Calibration:
     """Fit the match probability of ``checkpoint`` on the cross-camera pairs of ``queries`` x
-    ``gallery`` (identities held out of training) and write it beside the checkpoint."""
+    ``gallery`` (identities held out of training) and write it beside the checkpoint.
+    ``mirror_average``: the scores of the model as exported with test-time flip."""
     import json
     from pathlib import Path
 
     from .evaluate import checkpoint_distances
 
     dist, _ = checkpoint_distances(checkpoint, queries, gallery, device=device,
-                                   progress=progress)
+                                   progress=progress, mirror_average=mirror_average)
     scores, same = cross_camera_pairs(dist, [r.pid for r in queries], [r.pid for r in gallery],
                                       [r.camid for r in queries], [r.camid for r in gallery])
     ids = len({r.pid for r in queries})

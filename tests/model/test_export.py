@@ -217,7 +217,7 @@ def test_a_checkpoint_written_by_training_exports(tiny_manifest, tmp_path):
 
 def test_bnneck_model_with_mirror_average_and_calibration_exports_exactly(tmp_path):
     from model.calibration import Calibration
-    from model.export import verify_export
+    from model.export import model_id, verify_export
 
     torch.manual_seed(0)
     net = build_model("dsmi-lite0-bnneck", weights=None, input_size=(64, 32)).eval()
@@ -227,5 +227,8 @@ def test_bnneck_model_with_mirror_average_and_calibration_exports_exactly(tmp_pa
     calibration = Calibration(a=7.5, b=-4.0, pairs=10, positives=2, fitted_on="test")
     manifest = export_model(net, tmp_path / "m", calibration=calibration)
     assert manifest["mirror_average"] is True
+    net.mirror_average = False  # other maps, so another id (and cache namespace)
+    assert manifest["model_id"] != model_id(net)
+    net.mirror_average = True
     assert Calibration.from_dict(manifest["calibration"]) == calibration
     assert verify_export(net, tmp_path / "m") < 1e-4
