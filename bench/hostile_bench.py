@@ -106,16 +106,25 @@ def bench_methods(engine, count: int) -> dict:
             "scrape_s": scrape}
 
 
-def bench_slow(engine, seconds: float) -> dict:
+SLOW_KEY, NORMAL_KEY = "slow-client-key", "normal-client-key"
+
+
+def bench_slow(engine, seconds: float, keys: bool) -> dict:
+    """``keys``: the dribblers and the normal client each have an API key of their own (else
+    all come from one loopback address, and share its slots)."""
     import httpx
 
     from tests.service_support import ThreadedServer, image_bytes, make_client
 
+    settings = {"api_keys": [f"{SLOW_KEY}:read+write:*", f"{NORMAL_KEY}:read+write:*"]} \
+        if keys else {}
     app, _ = make_client(engine, "memory", max_image_bytes=10 * 2**20,
-                         max_upload_bytes=64 * 2**20)
+                         max_upload_bytes=64 * 2**20, **settings)
+    normal = {"X-API-Key": NORMAL_KEY} if keys else {}
+    slow_key = f"X-API-Key: {SLOW_KEY}\r\n" if keys else ""
     with ThreadedServer(app) as server:
         files = [("images", ("a.jpg", image_bytes(1), "image/jpeg"))]
-        httpx.post(f"{server.url}/v1/galleries/g/images", files=files,
+        httpx.post(f"{server.url}/v1/galleries/g/images", files=files, headers=normal,
                    data={"person_id": "p", "camera_id": "c"}).raise_for_status()
         stop = threading.Event()
         slow_answers: list[bytes] = []
@@ -123,7 +132,8 @@ def bench_slow(engine, seconds: float) -> dict:
         def dribble(path: str) -> None:
             sock = socket.create_connection(("127.0.0.1", server.port))
             sock.settimeout(0.3)
-            sock.send(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data;"
+            sock.send(f"POST {path} HTTP/1.1\r\nHost: x\r\n{slow_key}"
+                      f"Content-Type: multipart/form-data;"
                       f" boundary=b\r\nContent-Length: 1000000\r\n\r\n--b\r\n".encode())
             data = b""
             while not stop.is_set():
@@ -144,7 +154,7 @@ def bench_slow(engine, seconds: float) -> dict:
         time.sleep(0.5)
         statuses: Counter = Counter()
         end = time.monotonic() + seconds
-        with httpx.Client(timeout=30) as client:
+        with httpx.Client(timeout=30, headers=normal) as client:
             while time.monotonic() < end:
                 r = client.post(f"{server.url}/v1/galleries/g/query",
                                 files={"image": ("p.jpg", image_bytes(2), "image/jpeg")})
@@ -152,7 +162,7 @@ def bench_slow(engine, seconds: float) -> dict:
         stop.set()
         for t in threads:
             t.join(timeout=5)
-    return {"seconds": seconds, "normal_statuses": dict(statuses),
+    return {"seconds": seconds, "keys": keys, "normal_statuses": dict(statuses),
             "slow_answers": [a.decode(errors="replace") for a in slow_answers]}
 
 
@@ -176,10 +186,12 @@ def main(argv=None) -> int:
         print(f"decode 16-bit 4000x4000 PNG ({row['file_bytes']:,} bytes), {row['design']:<6}: "
               f"peak RSS {row['peak_rss_mib']:.0f} MiB, {row['decode_peak_mib']:.0f} MiB above "
               "the process before it", flush=True)
-    result["slow"] = bench_slow(engine, args.slow_seconds)
-    print(f"normal client's queries beside 6 dribbling connections, {args.slow_seconds:.0f} s: "
-          f"{result['slow']['normal_statuses']}; dribblers got {result['slow']['slow_answers']}",
-          flush=True)
+    result["slow"] = [bench_slow(engine, args.slow_seconds, keys) for keys in (False, True)]
+    for row in result["slow"]:
+        who = "own API keys" if row["keys"] else "one loopback address, no keys"
+        print(f"normal client's queries beside 6 dribbling connections ({who}), "
+              f"{args.slow_seconds:.0f} s: {row['normal_statuses']}; dribblers got "
+              f"{sorted(set(row['slow_answers']))}", flush=True)
     result["methods"] = bench_methods(engine, args.methods)
     m = result["methods"]
     print(f"{m['requests']:,} invented methods: RSS +{m['rss_growth_mib']:.1f} MiB, /metrics "
