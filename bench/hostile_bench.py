@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -114,7 +113,7 @@ def bench_slow(engine, seconds: float, keys: bool) -> dict:
     all come from one loopback address, and share its slots)."""
     import httpx
 
-    from tests.service_support import ThreadedServer, image_bytes, make_client
+    from tests.service_support import ThreadedServer, dribble_body, image_bytes, make_client
 
     settings = {"api_keys": [f"{SLOW_KEY}:read+write:*", f"{NORMAL_KEY}:read+write:*"]} \
         if keys else {}
@@ -130,23 +129,7 @@ def bench_slow(engine, seconds: float, keys: bool) -> dict:
         slow_answers: list[bytes] = []
 
         def dribble(path: str) -> None:
-            sock = socket.create_connection(("127.0.0.1", server.port))
-            sock.settimeout(0.3)
-            sock.send(f"POST {path} HTTP/1.1\r\nHost: x\r\n{slow_key}"
-                      f"Content-Type: multipart/form-data;"
-                      f" boundary=b\r\nContent-Length: 1000000\r\n\r\n--b\r\n".encode())
-            data = b""
-            while not stop.is_set():
-                try:
-                    sock.send(b"x")
-                    data += sock.recv(65536)
-                except TimeoutError:
-                    continue
-                except OSError:
-                    break
-                if b"\r\n\r\n" in data:
-                    break
-            slow_answers.append(data.split(b"\r\n", 1)[0])
+            slow_answers.append(dribble_body(server.port, path, stop, slow_key))
         threads = [threading.Thread(target=dribble, args=(p,), daemon=True) for p in
                    ["/v1/galleries/g/images"] * 4 + ["/v1/galleries/g/query"] * 2]
         for t in threads:

@@ -253,3 +253,28 @@ class TcpProxy:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+
+def dribble_body(port: int, path: str, stop: threading.Event, headers: str = "",
+                 length: int = 1_000_000, every: float = 0.3) -> bytes:
+    """A slow client: a multipart POST to ``path`` on loopback ``port`` whose body comes one
+    byte every ``every`` seconds, until the server answers, closes, or ``stop`` is set ->
+    the answer's status line (``b""`` if none). ``headers``: extra header lines, each ending
+    in CRLF."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.settimeout(every)
+    sock.send(f"POST {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Type: multipart/form-data;"
+              f" boundary=b\r\nContent-Length: {length}\r\n\r\n--b\r\n".encode())
+    data = b""
+    try:
+        while not stop.is_set() and b"\r\n\r\n" not in data:
+            try:
+                sock.send(b"x")
+                data += sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+    finally:
+        sock.close()
+    return data.split(b"\r\n", 1)[0]

@@ -13,7 +13,7 @@ import pytest
 
 from service.middleware import AdmissionMiddleware
 from service.protocol import HeaderDeadlineH11Protocol
-from tests.service_support import ThreadedServer, image_bytes, make_client
+from tests.service_support import ThreadedServer, dribble_body, image_bytes, make_client
 
 
 class FastDeadline(HeaderDeadlineH11Protocol):
@@ -150,15 +150,7 @@ def test_slow_clients_leave_normal_clients_served(engine):
         stop = threading.Event()
 
         def dribble(path):
-            sock = socket.create_connection(("127.0.0.1", server.port))
-            sock.send(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data;"
-                      f" boundary=b\r\nContent-Length: 100000\r\n\r\n".encode())
-            while not stop.is_set():
-                try:
-                    sock.send(b"x")
-                except OSError:
-                    return
-                time.sleep(0.3)
+            dribble_body(server.port, path, stop, length=100_000)
         paths = ["/v1/galleries/g/images"] * 4 + ["/v1/galleries/g/query"] * 2
         threads = [threading.Thread(target=dribble, args=(p,), daemon=True) for p in paths]
         for t in threads:
