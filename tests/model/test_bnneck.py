@@ -7,13 +7,13 @@ import torch.nn.functional as F
 
 from model import build_model
 from model.embedding import BNNeckEmbedding
-from model.trunks import EfficientNetLite0Trunk
+from model.trunks import EfficientNetLiteTrunk
 
 SMALL = {"weights": None, "input_size": (64, 32)}
 
 
 def test_head_cut_is_stride_32_with_1280_channels_and_freezes_leading_stages():
-    trunk = EfficientNetLite0Trunk(frozen_stages=2, cut="head")
+    trunk = EfficientNetLiteTrunk(frozen_stages=2, cut="head")
     assert (trunk.stride, trunk.out_channels, trunk.stages) == (32, 1280, 9)
     assert trunk(torch.randn(2, 3, 64, 32)).shape == (2, 1280, 2, 1)
     frozen = [trunk.conv_stem, trunk.bn1, trunk.blocks[0]]
@@ -22,9 +22,9 @@ def test_head_cut_is_stride_32_with_1280_channels_and_freezes_leading_stages():
     trunk.train()
     assert not trunk.blocks[0].training and trunk.blocks[1].training
     with pytest.raises(ValueError, match="frozen_stages"):
-        EfficientNetLite0Trunk(frozen_stages=10, cut="head")
+        EfficientNetLiteTrunk(frozen_stages=10, cut="head")
     with pytest.raises(ValueError, match="cut"):
-        EfficientNetLite0Trunk(cut="stride8")
+        EfficientNetLiteTrunk(cut="stride8")
 
 
 def test_bnneck_variant_builds_an_8x4_grid_at_256x128():

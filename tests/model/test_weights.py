@@ -11,7 +11,7 @@ from torchvision.models import vgg16
 
 from model import WeightsNotFoundError, build_model
 from model.preprocess import preprocess
-from model.weights import efficientnet_lite0_imagenet_state
+from model.weights import efficientnet_lite_imagenet_state, imagenet_weights_path
 
 
 def test_missing_imagenet_weights_fail_fast_without_download(tmp_path, monkeypatch):
@@ -53,17 +53,26 @@ def _imagenet_top3(model, image: np.ndarray) -> list[int]:
         return model(x).softmax(1)[0].topk(3).indices.tolist()
 
 
-def test_lite0_imagenet_weights_classify_real_photos():
-    """The installed weights, mapped onto timm's efficientnet_lite0, are ImageNet's: a cat
-    photo is an Egyptian cat (285) and a cup of coffee an espresso (967)."""
+@pytest.mark.parametrize("family", ["efficientnet_lite0", "efficientnet_lite2"])
+def test_lite_imagenet_weights_classify_real_photos(family):
+    """The installed weights, mapped onto timm's network, are ImageNet's: a cat photo is an
+    Egyptian cat (285) and a cup of coffee an espresso (967)."""
     timm = pytest.importorskip("timm")
     skimage_data = pytest.importorskip("skimage.data")
-    model = timm.create_model("efficientnet_lite0", pretrained=False)
-    model.load_state_dict(efficientnet_lite0_imagenet_state())
+    model = timm.create_model(family, pretrained=False)
+    model.load_state_dict(efficientnet_lite_imagenet_state(family))
     model.eval()
     cat = _imagenet_top3(model, skimage_data.chelsea())
     assert cat[0] == 285 and set(cat[1:]) <= {281, 282, 283, 287}  # other cats
     assert _imagenet_top3(model, skimage_data.coffee())[0] == 967
+    if family != "efficientnet_lite0":
+        # The lite2 variants' trunk is that whole network up to its head conv.
+        net = build_model("dsmi-lite2-bnneck").eval()
+        images = torch.randn(2, 3, 256, 128)
+        with torch.no_grad():
+            expected = model.forward_features(images)
+            assert torch.allclose(net.encode(images), expected, atol=1e-4)
+        return
     # The trunk of every lite0 variant is that network's stride-16 part.
     net = build_model("dsmi-lite0").eval()
     images = torch.randn(2, 3, 192, 96)
@@ -81,9 +90,13 @@ def test_lite0_without_its_weights_package_says_which_extra(monkeypatch):
 
 def test_lite0_weights_of_another_shape_are_refused(tmp_path):
     path = tmp_path / "not-lite0.pth"
-    state = dict(list(efficientnet_lite0_imagenet_state().items())[:-1])  # one short
+    state = dict(list(efficientnet_lite_imagenet_state().items())[:-1])  # one short
     torch.save(state, path)
-    with pytest.raises(ValueError, match="not EfficientNet-Lite0 weights"):
-        efficientnet_lite0_imagenet_state(path)
+    with pytest.raises(ValueError, match="not efficientnet_lite0 weights"):
+        efficientnet_lite_imagenet_state("efficientnet_lite0", path)
     with pytest.raises(WeightsNotFoundError, match="not found"):
-        efficientnet_lite0_imagenet_state(tmp_path / "absent.pth")
+        efficientnet_lite_imagenet_state("efficientnet_lite0", tmp_path / "absent.pth")
+    # Lite0's file is not Lite2's: same tensor count would be a coincidence, shapes differ.
+    with pytest.raises(ValueError, match="not efficientnet_lite2 weights"):
+        efficientnet_lite_imagenet_state(
+            "efficientnet_lite2", imagenet_weights_path("efficientnet_lite0"))
