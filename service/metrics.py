@@ -104,6 +104,8 @@ class ServiceMetrics:
                                      buckets=_REQUEST_BUCKETS, registry=r)
         self.images_stored = Counter("dsmi_images_stored", "Gallery images stored",
                                      registry=r)
+        self.images_expired = Counter("dsmi_images_expired", "Gallery images purged from the "
+                                      "store past their gallery's retention", registry=r)
         self.items_skipped = Counter("dsmi_gallery_items_skipped",
                                      "Gallery items skipped in queries: unreadable cache entry",
                                      registry=r)

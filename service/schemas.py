@@ -13,12 +13,14 @@ from .store.base import LABEL_MAX, InvalidItem, check_label
 
 __all__ = ["GALLERY_PATTERN", "IMAGE_ID_PATTERN", "LABEL_MAX", "TOP_K_MAX", "RERANK_MAX",
            "ErrorBody", "ErrorResponse", "GalleryImage", "UploadResponse", "ImageList",
-           "DeletedImage", "DeletedGallery", "GallerySummary", "GalleryList", "QueryResult",
+           "DeletedImage", "DeletedGallery", "GallerySummary", "GallerySettings", "GalleryInfo",
+           "GalleryList", "QueryResult",
            "QueryTimings", "QueryResponse", "Health", "Readiness", "UploadForm", "QueryForm"]
 
 # Gallery names go into store keys and URLs: a conservative alphabet.
 GALLERY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-IMAGE_ID_PATTERN = r"^[0-9a-f]{32}$"
+# Image ids: the service's are 32 hex digits; a client may give its own (idempotent uploads).
+IMAGE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 TOP_K_MAX = 1000
 RERANK_MAX = 100_000  # a longer shortlist is no cheaper than exhaustive (rerank=0)
 
@@ -38,7 +40,8 @@ class ErrorResponse(BaseModel):
 class GalleryImage(BaseModel):
     """A stored gallery image's description."""
 
-    image_id: str = Field(description="Id given by the service (32 hex digits)")
+    image_id: str = Field(description="Id given at upload: the client's, or the service's "
+                                      "(32 hex digits)")
     person_id: str
     camera_id: str
     filename: str | None = Field(None, description="The uploaded file's name")
@@ -60,8 +63,11 @@ class UploadResponse(BaseModel):
     gallery: str
     model_id: str
     count: int = Field(description="Images stored by this request")
+    already_stored: int = Field(0, description="Images whose image_id the gallery already held "
+                                               "with the same content: left as they were")
     gallery_size: int = Field(description="Images in the gallery afterwards")
-    images: list[GalleryImage] = Field(description="The stored images, in upload order")
+    images: list[GalleryImage] = Field(description="The images, in upload order, as stored "
+                                                   "(now or before)")
 
 
 class ImageList(BaseModel):
@@ -88,6 +94,28 @@ class DeletedGallery(BaseModel):
 class GallerySummary(BaseModel):
     name: str
     size: int
+
+
+class GallerySettings(BaseModel):
+    """``PUT /v1/galleries/{gallery}``: the settings a gallery is created with (each
+    omitted one: the service's default, DSMI_GALLERY_SHARDS, DSMI_RETENTION_DAYS)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    shards: int | None = Field(None, ge=1, le=64,
+                               description="Parts the gallery is split into, each on its own "
+                                           "Redis slot (over a cluster's masters)")
+    retention_days: float | None = Field(
+        None, gt=0, le=365_000, description="Images older than this disappear from answers at "
+                                            "once and are purged from the store")
+
+
+class GalleryInfo(BaseModel):
+    name: str
+    size: int
+    shards: int
+    retention_days: float | None
+    created_at: datetime
 
 
 class GalleryList(BaseModel):
@@ -174,6 +202,11 @@ class UploadForm(BaseModel):
     metadata: list[str] | None = Field(
         None, description="Free metadata as JSON: one object for all images, one object per "
                           "image (repeated, in order), or one array of objects")
+    image_id: list[Annotated[str, StringConstraints(pattern=IMAGE_ID_PATTERN)]] | None = Field(
+        None, description="The client's own id of each image (repeated, in order): uploading "
+                          "an id again with the same content (file, labels, metadata) is a "
+                          "no-op answered 200 with the stored image, with other content a "
+                          "409; retries never store twice. Default: ids given by the service")
 
 
 class QueryForm(BaseModel):

@@ -58,12 +58,34 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         None, description="Redis URL of the gallery cache; unset: an in-process store that "
                           "keeps nothing across restarts")
-    redis_prefix: str = Field("dsmi:", min_length=1,
-                              description="Key prefix; keys are <prefix><model id>:...")
+    redis_prefix: str = Field("dsmi:", min_length=1, pattern=r"^[^{}]+$",
+                              description="Key prefix; keys are <prefix><model id>:... (no "
+                                          "braces: Redis Cluster hash tags)")
     redis_socket_timeout: float = Field(
         1.0, gt=0, description="Seconds a Redis reply may take; past it the request is a 503 "
                                "(a hung Redis answers within about this time)")
     redis_connect_timeout: float = Field(0.5, gt=0, description="Seconds to connect to Redis")
+    redis_cluster: bool = Field(
+        False, description="DSMI_REDIS_URL names one node of a Redis Cluster: the store uses "
+                           "the cluster client (topology discovery, redirections, failover)")
+    redis_min_replicas: int | None = Field(
+        None, ge=0, description="Replicas that must acknowledge each upload or deletion (Redis "
+                                "WAIT) within redis_wait_timeout_ms, else 503 (the write "
+                                "itself is whole; retry it). Default: 1 in cluster mode, 0 "
+                                "otherwise")
+    redis_wait_timeout_ms: int = Field(1000, ge=1, description="How long a write waits for "
+                                                               "its replicas")
+    gallery_shards: int | None = Field(
+        None, ge=1, le=64, description="Shards of a gallery created without a setting (each "
+                                       "on its own Redis slot, so spread over a cluster's "
+                                       "masters). Default: 3 in cluster mode, 1 otherwise "
+                                       "(bench/cluster_bench.py)")
+    retention_days: float | None = Field(
+        None, gt=0, description="Days a gallery created without a setting keeps its images "
+                                "(unset: until deleted)")
+    retention_sweep_seconds: float = Field(
+        60.0, gt=0, description="How often expired images are purged from the store (they "
+                                "leave queries, listings and thumbnails at once regardless)")
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated API keys: KEY (admin) or "
                                           "KEY:RIGHTS:GALLERIES (service/auth.py); when any "
@@ -99,7 +121,7 @@ class Settings(BaseSettings):
                     "Retry-After at once instead of queueing")
     max_inflight_uploads: int = Field(4, gt=0, description="Uploads in flight at once per "
                                                            "worker; more are answered 503")
-    cache_dtype: Literal["float32", "float16"] = "float32"
+    cache_dtype: Literal["float32", "float16"] = "float16"
     cache_max_bytes: int = Field(
         2 * 1024 * MiB, ge=0,
         description="Bytes of galleries each worker keeps resident (decoded, coherent with "
@@ -150,6 +172,18 @@ class Settings(BaseSettings):
     def key_ring(self) -> KeyRing:
         """The configured API keys, parsed (:mod:`service.auth`)."""
         return self._key_ring
+
+    @property
+    def resolved_gallery_shards(self) -> int:
+        if self.gallery_shards is not None:
+            return self.gallery_shards
+        return 3 if self.redis_cluster else 1
+
+    @model_validator(mode="after")
+    def _cluster_needs_redis(self) -> Settings:
+        if self.redis_cluster and not self.redis_url:
+            raise ValueError("DSMI_REDIS_CLUSTER needs DSMI_REDIS_URL (one node of the cluster)")
+        return self
 
     @property
     def resolved_model_dir(self) -> Path:

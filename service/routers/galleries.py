@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Body, Depends, Query, Response
 
 from ..auth import ApiKey
 from ..deps import (
@@ -16,6 +17,7 @@ from ..deps import (
     get_settings,
     get_store,
 )
+from ..domain import GalleryConflict, GalleryNotFound, ImageConflict, ImageNotFound
 from ..errors import ServiceError
 from ..matching import DecodeBudget, gallery_blobs, read_image
 from ..metrics import ServiceMetrics
@@ -23,7 +25,9 @@ from ..schemas import (
     DeletedGallery,
     DeletedImage,
     GalleryImage,
+    GalleryInfo,
     GalleryList,
+    GallerySettings,
     GallerySummary,
     ImageList,
     UploadForm,
@@ -31,7 +35,7 @@ from ..schemas import (
 )
 from ..settings import Settings
 from ..store import GalleryItem, GalleryStore, InvalidItem, NewItem, new_image_id
-from ..store.base import METADATA_MAX_DEPTH, check_metadata
+from ..store.base import METADATA_MAX_DEPTH, GalleryConfig, check_metadata, content_digest
 from ..thumbnails import THUMBNAIL_FIELD, THUMBNAIL_MEDIA_TYPE
 from .common import MULTIPART, GalleryName, ImageId, errors
 
@@ -51,17 +55,17 @@ def _clean_filename(name: str | None) -> str | None:
     return "".join(ch if ch.isprintable() else "?" for ch in name[:_FILENAME_MAX])
 
 
-def _not_found(gallery: str) -> ServiceError:
-    return ServiceError(404, "gallery_not_found", f"no gallery named {gallery!r}",
-                        details={"gallery": gallery})
-
-
-def _missing_image(store: GalleryStore, gallery: str, image_id: str) -> ServiceError:
+def _missing_image(store: GalleryStore, gallery: str, image_id: str) -> Exception:
     """The 404 for an image that is not there: its gallery's, or its own."""
     if store.gallery_size(gallery) is None:
-        return _not_found(gallery)
-    return ServiceError(404, "image_not_found", f"no image {image_id} in gallery {gallery!r}",
-                        details={"gallery": gallery, "image_id": image_id})
+        return GalleryNotFound(gallery)
+    return ImageNotFound(gallery, image_id)
+
+
+def _info(name: str, config: GalleryConfig, size: int) -> GalleryInfo:
+    return GalleryInfo(name=name, size=size, shards=config.shards,
+                       retention_days=config.retention_days,
+                       created_at=datetime.fromtimestamp(config.created_at, tz=UTC))
 
 
 def _reject_constant(name: str) -> None:
@@ -125,8 +129,12 @@ def list_galleries(engine: Engine = Depends(get_engine),
 
 
 @router.post("/{gallery}/images", status_code=201, response_model=UploadResponse,
-             summary="Upload gallery images", responses=errors(400, 401, 413, 415, 422, 503))
+             summary="Upload gallery images",
+             responses={200: {"model": UploadResponse,
+                              "description": "Every image was already stored (a retry)"},
+                        **errors(400, 401, 409, 413, 415, 422, 503)})
 def upload_images(gallery: GalleryName, form: Annotated[UploadForm, MULTIPART],
+                  response: Response,
                   engine: Engine = Depends(get_engine),
                   store: GalleryStore = Depends(get_store),
                   settings: Settings = Depends(get_settings),
@@ -135,7 +143,11 @@ def upload_images(gallery: GalleryName, form: Annotated[UploadForm, MULTIPART],
     """Store one or many images in a gallery (created if new), all or nothing: if any file
     is bad, nothing of the upload is stored and the error names the file.
 
-    Each image needs a `person_id` and a `camera_id` (repeated in the images' order)."""
+    Each image needs a `person_id` and a `camera_id` (repeated in the images' order), and may
+    have the client's own `image_id`: then a retried upload never stores twice (an image id
+    stored with the same content is answered as stored, 200 when all were; with other
+    content 409). On a sharded gallery over a Redis Cluster, an upload whose answer is a 503
+    may have stored some of its images: retry it with the same image ids."""
     n = len(form.images)
     if n > settings.max_images_per_upload:
         raise ServiceError(413, "too_many_images",
@@ -146,25 +158,77 @@ def upload_images(gallery: GalleryName, form: Annotated[UploadForm, MULTIPART],
                            f"{len(form.camera_id)} camera_id values: give one of each per "
                            "image, in the same order")
     metadata = _parse_metadata(form.metadata, n, settings.max_metadata_bytes)
-    decoded = []
+    if form.image_id is not None and len(form.image_id) != n:
+        raise ServiceError(422, "field_count_mismatch",
+                           f"{n} images but {len(form.image_id)} image_id values: give one per "
+                           "image, in the same order, or none")
+    image_ids = form.image_id or [new_image_id() for _ in range(n)]
+    if len(set(image_ids)) != n:
+        raise ServiceError(422, "duplicate_image_id", "an image_id is given twice in one upload")
+    decoded, digests = [], []
     for k, upload in enumerate(form.images):
         data = upload.file.read(settings.max_image_bytes + 1)
         decoded.append(read_image(data, engine, settings.max_image_bytes, settings.max_pixels,
                                   upload.filename, k, thumbnail=True,
                                   max_decode_bytes=settings.max_decode_bytes, budget=budget))
+        digests.append(content_digest(data, form.person_id[k], form.camera_id[k], metadata[k]))
     blobs = gallery_blobs(engine, [d.tensor for d in decoded],
                           [upload.filename for upload in form.images])
     for item_blobs, d in zip(blobs, decoded, strict=True):
         item_blobs[THUMBNAIL_FIELD] = d.thumbnail
-    items = [GalleryItem(image_id=new_image_id(), person_id=pid, camera_id=cam,
+    items = [GalleryItem(image_id=image_id, person_id=pid, camera_id=cam,
                          metadata=meta, width=d.width, height=d.height,
                          filename=_clean_filename(upload.filename))
-             for upload, pid, cam, meta, d in zip(form.images, form.person_id, form.camera_id,
-                                                  metadata, decoded, strict=True)]
-    size = store.add_items(gallery, [NewItem(i, b) for i, b in zip(items, blobs, strict=True)])
-    metrics.images_stored.inc(n)
-    return UploadResponse(gallery=gallery, model_id=engine.model_id, count=n,
-                          gallery_size=size, images=[GalleryImage.from_item(i) for i in items])
+             for upload, image_id, pid, cam, meta, d in zip(
+                 form.images, image_ids, form.person_id, form.camera_id, metadata, decoded,
+                 strict=True)]
+    result = store.add_items(gallery, [NewItem(i, b, digest) for i, b, digest in
+                                       zip(items, blobs, digests, strict=True)])
+    if result.conflicts:
+        raise ImageConflict(gallery, result.conflicts)
+    metrics.images_stored.inc(len(result.added))
+    stored = {item.image_id: item for item in [*result.added, *result.existing]}
+    if not result.added:  # nothing new: a retry of an upload that was stored
+        response.status_code = 200
+    return UploadResponse(gallery=gallery, model_id=engine.model_id, count=len(result.added),
+                          already_stored=len(result.existing), gallery_size=result.size,
+                          images=[GalleryImage.from_item(stored.get(i.image_id, i))
+                                  for i in items])
+
+
+@router.put("/{gallery}", response_model=GalleryInfo, status_code=201,
+            summary="Create a gallery with its settings",
+            responses={200: {"model": GalleryInfo,
+                             "description": "The gallery exists with these settings"},
+                       **errors(401, 409, 422, 503)})
+def create_gallery(gallery: GalleryName, response: Response,
+                   body: Annotated[GallerySettings, Body()] = GallerySettings(),
+                   store: GalleryStore = Depends(get_store)) -> GalleryInfo:
+    """Create the gallery with `shards` and `retention_days` (each omitted one: the service's
+    default). Creating it again with the same settings is a no-op answered 200; with other
+    settings a 409 (settings are fixed at creation). An upload to a gallery that does not
+    exist creates it with the defaults."""
+    config, created = store.create_gallery(gallery, body.shards, body.retention_days)
+    asked = {"shards": body.shards, "retention_days": body.retention_days}
+    have = {"shards": config.shards, "retention_days": config.retention_days}
+    differs = {k: v for k, v in asked.items() if v is not None and v != have[k]}
+    if not created and differs:
+        raise GalleryConflict(f"gallery {gallery!r} exists with other settings ({have}); "
+                              "settings are fixed when a gallery is created",
+                              {"gallery": gallery, "settings": have, "asked": differs})
+    if not created:
+        response.status_code = 200
+    return _info(gallery, config, store.gallery_size(gallery) or 0)
+
+
+@router.get("/{gallery}", response_model=GalleryInfo, summary="A gallery's size and settings",
+            responses=errors(401, 404, 422, 503))
+def get_gallery(gallery: GalleryName, store: GalleryStore = Depends(get_store)) -> GalleryInfo:
+    config = store.gallery_config(gallery)
+    size = store.gallery_size(gallery)
+    if config is None or size is None:
+        raise GalleryNotFound(gallery)
+    return _info(gallery, config, size)
 
 
 @router.get("/{gallery}/images", response_model=ImageList, summary="List a gallery's images",
@@ -176,7 +240,7 @@ def list_images(gallery: GalleryName,
     """The gallery's images in upload order, `limit` at a time from `offset`."""
     listed = store.list_items(gallery, offset, limit)
     if listed is None:
-        raise _not_found(gallery)
+        raise GalleryNotFound(gallery)
     total, items = listed
     expected = max(0, min(limit, total - offset))
     return ImageList(gallery=gallery, total=total, offset=offset, limit=limit,
@@ -229,5 +293,5 @@ def delete_gallery(gallery: GalleryName,
                    store: GalleryStore = Depends(get_store)) -> DeletedGallery:
     deleted = store.delete_gallery(gallery)
     if deleted is None:
-        raise _not_found(gallery)
+        raise GalleryNotFound(gallery)
     return DeletedGallery(gallery=gallery, deleted_images=deleted)

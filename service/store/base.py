@@ -7,10 +7,12 @@ field name (the conv5 map and the engine's cached gallery fields).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
 import uuid
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -18,7 +20,8 @@ from typing import Any, Protocol, runtime_checkable
 __all__ = ["GalleryItem", "NewItem", "Chunk", "checked_blobs", "GalleryStore", "StoreError",
            "StoreUnavailable", "new_image_id", "InvalidItem", "check_label", "check_metadata",
            "LABEL_MAX", "METADATA_MAX_DEPTH", "Generation", "Change", "CHANGE_OPS",
-           "CHANGE_LOG_MAX"]
+           "CHANGE_LOG_MAX", "GalleryConfig", "AddResult", "shard_of", "content_digest",
+           "SHARDS_MAX", "check_gallery_settings", "checked_upload"]
 
 LABEL_MAX = 128          # longest person_id / camera_id
 METADATA_MAX_DEPTH = 16  # nesting levels of metadata (the top-level object is level 1)
@@ -87,6 +90,55 @@ def new_image_id() -> str:
     return uuid.uuid4().hex
 
 
+SHARDS_MAX = 64  # most shards of one gallery
+
+
+def shard_of(image_id: str, shards: int) -> int:
+    """The shard of a gallery of ``shards`` shards that holds ``image_id`` (stable across
+    processes and versions: CRC-32 of the id)."""
+    return zlib.crc32(image_id.encode()) % shards
+
+
+def content_digest(image: bytes, person_id: str, camera_id: str,
+                   metadata: dict[str, Any]) -> str:
+    """What makes two uploads under one image id "the same content": the image file's bytes,
+    its labels and metadata (hex SHA-256; metadata in canonical JSON)."""
+    h = hashlib.sha256()
+    for part in (image, person_id.encode(), camera_id.encode(),
+                 json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode()):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()
+
+
+def check_gallery_settings(shards: int, retention_days: float | None) -> None:
+    """ValueError unless ``shards`` is 1..SHARDS_MAX and ``retention_days`` ``None`` or a
+    positive finite number."""
+    if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= SHARDS_MAX:
+        raise ValueError(f"shards must be an integer from 1 to {SHARDS_MAX}, not {shards!r}")
+    if retention_days is not None and (
+            isinstance(retention_days, bool) or not isinstance(retention_days, (int, float))
+            or not math.isfinite(retention_days) or retention_days <= 0):
+        raise ValueError(f"retention_days must be a positive number, not {retention_days!r}")
+
+
+@dataclass(frozen=True)
+class GalleryConfig:
+    """A gallery's settings, fixed when it is created. ``shards``: how many parts its items
+    are split into (each on its own Redis slot, so over a cluster's nodes); ``retention_days``:
+    items older than this are gone (``None``: kept until deleted); ``epoch``: drawn at
+    creation, so that a gallery deleted and created again is another incarnation."""
+
+    shards: int
+    retention_days: float | None
+    epoch: str
+    created_at: float
+
+    @property
+    def retention_s(self) -> float | None:
+        return None if self.retention_days is None else self.retention_days * 86400.0
+
+
 @dataclass(frozen=True)
 class GalleryItem:
     """One stored image's description (everything but its tensors)."""
@@ -136,10 +188,26 @@ class GalleryItem:
 
 @dataclass(frozen=True)
 class NewItem:
-    """An item to store: its description and its blobs (field name -> bytes)."""
+    """An item to store: its description, its blobs (field name -> bytes) and the digest of
+    its content (:func:`content_digest`): an item stored again under its id with the same
+    digest is left as it is, with another digest refused."""
 
     item: GalleryItem
     blobs: Mapping[str, bytes]
+    digest: str = ""
+
+
+@dataclass(frozen=True)
+class AddResult:
+    """What an upload did: ``size`` of the gallery afterwards; ``added``: the items stored
+    now; ``existing``: those already stored under their ids with the same content (left as
+    they were, returned as stored); ``conflicts``: ids already stored with other content
+    (then nothing of the upload was stored)."""
+
+    size: int
+    added: list[GalleryItem]
+    existing: list[GalleryItem]
+    conflicts: list[str] = field(default_factory=list)
 
 
 def checked_blobs(items: Sequence[NewItem]) -> list[dict[str, bytes]]:
@@ -168,44 +236,68 @@ CHANGE_OPS = ("add", "remove")
 
 @dataclass(frozen=True)
 class Generation:
-    """Where a gallery stands: ``number`` counts the writes to it (0: no such gallery);
-    ``epoch`` is drawn when the gallery is created, so that a gallery deleted and created
-    again (or a store cleared) never repeats an earlier (epoch, number)."""
+    """Where a gallery stands: ``numbers[s]`` counts the writes to shard ``s`` (``()``: no
+    such gallery); ``epoch`` is drawn when the gallery is created, so that a gallery deleted
+    and created again (or a store cleared) never repeats an earlier generation;
+    ``retention_s``: the gallery's retention in seconds (fixed for an epoch), so that a
+    reader drops expired items by itself."""
 
     epoch: str
-    number: int
+    numbers: tuple[int, ...] = ()
+    retention_s: float | None = None
+
+    @property
+    def number(self) -> int:
+        """Writes to the gallery, all shards together."""
+        return sum(self.numbers)
 
 
 @dataclass(frozen=True)
 class Change:
-    """One write to a gallery: the items it added or removed, and the generation number it
-    made (``Generation.number``)."""
+    """One write to one shard of a gallery: the items it added or removed, and the number
+    it made (``Generation.numbers[shard]``)."""
 
     number: int
     op: str  # one of CHANGE_OPS
     image_ids: tuple[str, ...]
+    shard: int = 0
 
 
 @runtime_checkable
 class GalleryStore(Protocol):
     """What the service needs from a gallery store. Every method may raise
-    :class:`StoreUnavailable`; none loads a whole gallery's blobs at once."""
+    :class:`StoreUnavailable`; none loads a whole gallery's blobs at once.
+
+    Expired items (older than their gallery's retention, by the store's ``clock``) are absent
+    from every read at once, whether or not :meth:`purge_expired` has removed them yet."""
 
     kind: str          # "redis" or "memory"
     persistent: bool   # whether galleries survive a restart of the service
     namespace: str     # the model id whose galleries this store holds
+    default_shards: int                 # shards of a gallery created without a setting
+    default_retention_days: float | None
 
     def ping(self) -> None:
         """Return if the store answers, raise :class:`StoreUnavailable` otherwise."""
 
-    def add_items(self, gallery: str, items: Sequence[NewItem]) -> int:
-        """Store all ``items`` in ``gallery`` (created if new) at once: after a failure none
-        of them is stored (before any write: TypeError for a blob that is not bytes,
-        :class:`InvalidItem` for a description that breaks :meth:`GalleryItem.check`).
-        Returns the gallery's size afterwards."""
+    def create_gallery(self, gallery: str, shards: int | None = None,
+                       retention_days: float | None = None) -> tuple[GalleryConfig, bool]:
+        """Create ``gallery`` (settings ``None``: the store's defaults) -> (its config,
+        whether it was created now). An existing gallery is left as it is and returned; the
+        caller compares settings (:class:`service.domain.GalleryConflict`)."""
+
+    def gallery_config(self, gallery: str) -> GalleryConfig | None: ...
+
+    def add_items(self, gallery: str, items: Sequence[NewItem]) -> AddResult:
+        """Store ``items`` in ``gallery`` (created with the defaults if new). Per shard all
+        at once: an id already stored with the same digest is left as it is
+        (``existing``); one stored with another digest is a conflict, and then nothing is
+        stored (checked on every shard before any is written). Before any write: TypeError
+        for a blob that is not bytes, :class:`InvalidItem` for a description that breaks
+        :meth:`GalleryItem.check` or an id given twice."""
 
     def gallery_size(self, gallery: str) -> int | None:
-        """Number of items, or ``None`` if there is no such gallery."""
+        """Number of live items, or ``None`` if there is no such gallery."""
 
     def list_galleries(self) -> dict[str, int]:
         """Gallery name -> size, sorted by name."""
@@ -213,7 +305,8 @@ class GalleryStore(Protocol):
     def list_items(self, gallery: str, offset: int, limit: int
                    ) -> tuple[int, list[GalleryItem]] | None:
         """(total, items ``offset`` .. ``offset + limit - 1`` in insertion order), or ``None``
-        if there is no such gallery."""
+        if there is no such gallery. Across shards, insertion order is the order of the
+        store clock's time (microseconds) at each upload, an upload's items in its order."""
 
     def get_item(self, gallery: str, image_id: str) -> GalleryItem | None: ...
 
@@ -230,25 +323,29 @@ class GalleryStore(Protocol):
 
     def iter_chunks(self, gallery: str, fields: Sequence[str], chunk_size: int
                     ) -> Iterator[Chunk]:
-        """The gallery's items with these blob fields, ``chunk_size`` at a time, in insertion
-        order. Items deleted during the scan may be left out; an item lacking one of the
-        fields is given without it."""
+        """The gallery's items with these blob fields, ``chunk_size`` at a time, shard by
+        shard, each shard in insertion order. Items deleted during the scan may be left out;
+        an item lacking one of the fields is given without it."""
 
     def fetch_items(self, gallery: str, image_ids: Sequence[str], fields: Sequence[str]
                     ) -> Chunk:
-        """These items with these blob fields, in the order asked, in one round trip;
-        items that are not (or no longer) in the gallery, or damaged, are left out."""
+        """These items with these blob fields, in the order asked, in one round trip (per
+        node); items that are not (or no longer) in the gallery, or damaged, are left out."""
 
     def generation(self, gallery: str) -> Generation:
-        """The gallery's generation (``Generation("", 0)`` when there is no such gallery).
-        Every write that changes the gallery advances it in the same transaction."""
+        """The gallery's generation (``Generation("")`` when there is no such gallery).
+        Every write that changes a shard advances its number in the same transaction."""
 
     def changes_since(self, gallery: str, since: Generation
                       ) -> tuple[Generation, list[Change] | None]:
-        """(the generation now, the changes after ``since`` in order), read atomically.
-        The list is ``None`` when they cannot be replayed: another epoch (the gallery was
-        deleted since, or no longer exists) or more than ``CHANGE_LOG_MAX`` changes behind;
-        the reader then reloads the gallery."""
+        """(the generation now, the changes after ``since``, each shard's in order). The
+        list is ``None`` when they cannot be replayed: another epoch (the gallery was
+        deleted since, or no longer exists) or a shard more than ``CHANGE_LOG_MAX`` changes
+        behind; the reader then reloads the gallery."""
+
+    def purge_expired(self) -> int:
+        """Remove the items past their gallery's retention (logged as removals, so that
+        resident copies drop them too) -> how many were removed."""
 
     def finish_deletions(self) -> int:
         """Finish gallery deletions that a stopped process left half done (their galleries
@@ -258,3 +355,15 @@ class GalleryStore(Protocol):
         """Delete everything this store wrote under its namespace (and nothing else)."""
 
     def close(self) -> None: ...
+
+
+def checked_upload(items: Sequence[NewItem]) -> list[tuple[NewItem, bytes, dict[str, bytes]]]:
+    """Each item with its stored description (checked) and its blobs as bytes: everything a
+    store checks before it writes anything (:meth:`GalleryStore.add_items`)."""
+    seen: set[str] = set()
+    for new in items:
+        if new.item.image_id in seen:
+            raise InvalidItem(f"image id {new.item.image_id} is given twice in one upload")
+        seen.add(new.item.image_id)
+    metas = [new.item.to_json() for new in items]
+    return list(zip(items, metas, checked_blobs(items), strict=True))

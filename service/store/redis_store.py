@@ -1,95 +1,176 @@
-"""The gallery store in Redis.
+"""The gallery store in Redis: one server, or a Redis Cluster.
 
-Keys, all under ``{prefix}{namespace}:`` (the namespace is the model id, so that the
-activations of two models never mix):
+Keys, all under ``B = {prefix}{namespace}:`` (the namespace is the model id, so that the
+activations of two models never mix). A gallery is split into shards; every key of one shard
+carries the shard's hash tag ``{T}`` (``T`` = ``gallery/s.k``, ``k`` picked at creation so that
+the shards' slots spread evenly over the 16,384: with a cluster's usual contiguous slot
+ranges, N shards of a gallery land on N masters), so that every write touches one slot and
+runs as one Lua script there:
 
-- ``galleries``: set of gallery names;
-- ``seq``: counter giving each stored item its insertion number;
-- ``g:{gallery}``: sorted set of the gallery's image ids, scored by insertion number;
-- ``i:{gallery}:{image_id}``: hash with ``meta`` (the item's JSON description) and one
-  ``b:{field}`` entry per blob (the conv5 map, the engine's cached gallery tensors);
-- ``gen:{gallery}``: hash with the gallery's generation, ``epoch`` (drawn when the gallery is
-  created) and ``n`` (writes so far);
-- ``log:{gallery}``: stream of the gallery's last writes (``n``, ``op``, ``ids`` as a JSON
+- ``B{gallery}:conf``: hash ``shards``, ``retention`` (seconds, or empty), ``epoch``,
+  ``created``, ``tags`` (JSON list of the shards' tags): the gallery exists while it does.
+  The registry of galleries is derived: a SCAN for ``B{*}:conf`` (on every master);
+  nothing global is written by an upload;
+- ``B{T}:E:ids``: sorted set of the shard's image ids, scored by insertion time in
+  microseconds (the store's clock, made strictly increasing per shard by the script), for
+  epoch ``E`` (a gallery deleted and created again uses new keys);
+- ``B{T}:E:i:{image_id}``: hash with ``meta`` (the item's JSON description), ``d`` (its
+  content digest) and one ``b:{field}`` entry per blob;
+- ``B{T}:E:gen``: hash ``n`` (writes to the shard) and ``last`` (its latest score);
+- ``B{T}:E:log``: stream of the shard's last writes (``n``, ``op``, ``ids`` as a JSON
   list), about ``CHANGE_LOG_MAX`` long, read by processes that keep the gallery resident;
-- ``trash:{uuid}:{gallery}``: a deleted gallery's id set while its items are being removed;
-  one left by a stopped process is finished by :meth:`RedisGalleryStore.finish_deletions`
-  (the service calls it at start).
+- ``B{gallery}:deleting:E``: set while a deleted gallery's items are being removed; one left
+  by a stopped process is finished by :meth:`RedisGalleryStore.finish_deletions`.
 
-An upload is one MULTI/EXEC transaction, and so is a deletion; both advance the generation
-and append to the change stream inside it (small Lua scripts), so a reader that sees a
-generation sees every write before it. A scan walks the sorted set by insertion number
-(a cursor that concurrent writes cannot shift) and fetches each chunk's hashes in one
-pipeline. ``clear`` deletes only keys under the store's own prefix and namespace.
+Retention: an item older than its gallery's retention (by insertion score) is left out of
+every read at once; :meth:`purge_expired` removes such items through the same script as a
+deletion, so that resident copies drop them too.
+
+Durability: after each write script, on the same connection, ``WAIT min_replicas timeout``;
+fewer acknowledgements raise :class:`service.domain.WriteNotReplicated` (the write itself is
+whole on the master: one script; a retried upload with the same image ids is a no-op).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import re
+import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import redis
+import redis.cluster
 from redis.backoff import ExponentialBackoff
+from redis.crc import key_slot
 from redis.retry import Retry
 
+from ..domain import WriteNotReplicated
 from .base import (
     CHANGE_LOG_MAX,
+    AddResult,
     Change,
     Chunk,
+    GalleryConfig,
     GalleryItem,
     Generation,
     NewItem,
     StoreUnavailable,
-    checked_blobs,
+    check_gallery_settings,
+    checked_upload,
+    shard_of,
 )
 
-__all__ = ["RedisGalleryStore"]
+__all__ = ["RedisGalleryStore", "SLOTS"]
 
 log = logging.getLogger(__name__)
+
+SLOTS = 16384
+_META = b"meta"
+_DIGEST = b"d"
+_DRAIN_CHUNK = 500
+_PURGE_CHUNK = 500
+_NO_CUTOFF = "-inf"
 
 
 def _glob_escape(key: bytes) -> bytes:
     """``key`` with Redis glob characters escaped, to match it literally in SCAN."""
     return re.sub(rb"([*?\[\]\\])", rb"\\\1", key)
 
-_META = b"meta"
-_DRAIN_CHUNK = 500
 
-# KEYS[1] the gallery's gen hash, KEYS[2] its change stream. Run inside the write's own
-# transaction (or script), so the generation never runs ahead of or behind the data.
-_LOG_LUA = """
-local function log(gen, stream, new_epoch, op, ids, maxlen)
-  redis.call('HSETNX', gen, 'epoch', new_epoch)
-  local n = redis.call('HINCRBY', gen, 'n', 1)
-  redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'n', n, 'op', op, 'ids', ids)
-  return n
+# KEYS: ids, gen, log, then one item hash per item. ARGV: now (us), stream length, cutoff
+# (score below which an item has expired), n, then per item: id, its place in the upload
+# (so that an upload's items keep their order across shards), digest, meta, field count,
+# field/value pairs. Checks every item first: an id already live with another digest is a
+# conflict and nothing is written; with the same digest it is left as it is. Returns
+# {'conflict', ids} or {'ok', existing ids, live size}.
+_ADD_LUA = """
+local ids, gen, log = KEYS[1], KEYS[2], KEYS[3]
+local now, maxlen, cutoff, n = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local items, existing, conflicts, seen = {}, {}, {}, {}
+local pos = 5
+for k = 1, n do
+  local id, digest, nf = ARGV[pos], ARGV[pos + 2], tonumber(ARGV[pos + 4])
+  items[k] = {id, digest, ARGV[pos + 3], pos + 5, nf, tonumber(ARGV[pos + 1])}
+  pos = pos + 5 + 2 * nf
+  local score = redis.call('ZSCORE', ids, id)
+  if score and tonumber(score) >= cutoff then
+    if redis.call('HGET', KEYS[3 + k], 'd') == digest then
+      table.insert(existing, id); seen[id] = true
+    else
+      table.insert(conflicts, id)
+    end
+  end
 end
+if #conflicts > 0 then return {'conflict', conflicts} end
+local last = tonumber(redis.call('HGET', gen, 'last') or '0')
+local added = {}
+for k = 1, n do
+  local it = items[k]
+  if not seen[it[1]] then
+    local score = math.max(now + it[6], last + 1)
+    last = score
+    local args = {'meta', it[3], 'd', it[2]}
+    for f = 0, it[5] - 1 do
+      table.insert(args, ARGV[it[4] + 2 * f]); table.insert(args, ARGV[it[4] + 2 * f + 1])
+    end
+    redis.call('DEL', KEYS[3 + k])
+    redis.call('HSET', KEYS[3 + k], unpack(args))
+    redis.call('ZADD', ids, string.format('%d', score), it[1])
+    table.insert(added, it[1])
+  end
+end
+-- Always a write, so that a WAIT after this script vouches for the items found stored too
+-- (replicas apply writes in order: acknowledging this one acknowledges theirs).
+redis.call('HSET', gen, 'ack', ARGV[1])
+if #added > 0 then
+  redis.call('HSET', gen, 'last', string.format('%d', last))
+  local number = redis.call('HINCRBY', gen, 'n', 1)
+  redis.call('XADD', log, 'MAXLEN', '~', maxlen, '*', 'n', number, 'op', 'add',
+             'ids', cjson.encode(added))
+end
+return {'ok', existing, redis.call('ZCOUNT', ids, cutoff, '+inf')}
 """
-# ARGV: new epoch, ids (JSON), stream length.
-_ADD_LUA = _LOG_LUA + "return log(KEYS[1], KEYS[2], ARGV[1], 'add', ARGV[2], ARGV[3])"
-# KEYS[3] the id set, KEYS[4] the item hash; ARGV[4] the image id. Nothing is logged (nor
-# any key created) when the item is not there: deleting unknown names leaves no trace.
-_REMOVE_LUA = _LOG_LUA + """
-if redis.call('ZREM', KEYS[3], ARGV[4]) == 0 then return 0 end
-redis.call('DEL', KEYS[4])
-log(KEYS[1], KEYS[2], ARGV[1], 'remove', ARGV[2], ARGV[3])
-return 1
+# KEYS: ids, gen, log, then one item hash per id. ARGV: stream length, the score an item
+# must be below to be removed ('+inf': any), then the ids. Removes the listed ones and logs
+# one change; nothing is logged (nor any key created) when none was there.
+_REMOVE_LUA = """
+local below = ARGV[2]
+local removed = {}
+for k = 3, #ARGV do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[k])
+  if score and (below == '+inf' or tonumber(score) < tonumber(below)) then
+    redis.call('ZREM', KEYS[1], ARGV[k])
+    redis.call('DEL', KEYS[1 + k])
+    table.insert(removed, ARGV[k])
+  end
+end
+if #removed == 0 then return 0 end
+local number = redis.call('HINCRBY', KEYS[2], 'n', 1)
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], '*', 'n', number, 'op', 'remove',
+           'ids', cjson.encode(removed))
+return #removed
 """
-# ARGV: the reader's epoch and number, the most changes worth replaying. Returns
-# {epoch, n, newest-first entries} (no entries when they cannot or need not be replayed).
+# KEYS: gen, log. ARGV: the reader's number, the most changes worth replaying. Returns
+# {n, newest-first entries} (no entries when they cannot or need not be replayed).
 _CHANGES_LUA = """
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then return {'', 0, {}} end
-local n = tonumber(redis.call('HGET', KEYS[1], 'n'))
-local behind = n - tonumber(ARGV[2])
-if epoch ~= ARGV[1] or behind <= 0 or behind > tonumber(ARGV[3]) then
-  return {epoch, n, {}}
+local n = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
+local behind = n - tonumber(ARGV[1])
+if behind <= 0 or behind > tonumber(ARGV[2]) then return {n, {}} end
+return {n, redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', behind)}
+"""
+# KEYS: conf. ARGV: shards, retention, epoch, created, tags. Creates it unless it exists;
+# returns the stored fields either way.
+_CREATE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'shards', ARGV[1], 'retention', ARGV[2], 'epoch', ARGV[3],
+             'created', ARGV[4], 'tags', ARGV[5])
 end
-return {epoch, n, redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', behind)}
+return redis.call('HMGET', KEYS[1], 'shards', 'retention', 'epoch', 'created', 'tags')
 """
 
 
@@ -114,6 +195,20 @@ def _parse_meta(raw: bytes | None, key: bytes) -> GalleryItem | None:
         return None
 
 
+def shard_tags(gallery: str, shards: int) -> list[str]:
+    """Hash tags for ``shards`` shards of ``gallery``: shard ``s``'s slot lies in the ``s``-th
+    of ``shards`` equal slot ranges, so that a cluster's masters (which usually own
+    contiguous ranges) share a gallery's shards evenly."""
+    tags = []
+    for s in range(shards):
+        lo, hi = s * SLOTS // shards, (s + 1) * SLOTS // shards
+        k = 0
+        while not lo <= key_slot(f"{gallery}/{s}.{k}".encode()) < hi:
+            k += 1
+        tags.append(f"{gallery}/{s}.{k}")
+    return tags
+
+
 @contextmanager
 def _guard(what: str, url: str):
     try:
@@ -124,11 +219,29 @@ def _guard(what: str, url: str):
                                public=f"redis failed to {what}; retry later") from exc
 
 
+class _Shard:
+    """The keys of one shard of one gallery incarnation."""
+
+    def __init__(self, base: bytes, tag: str, epoch: str) -> None:
+        self._p = base + b"{" + tag.encode() + b"}:" + epoch.encode() + b":"
+        self.ids, self.gen, self.log = self._p + b"ids", self._p + b"gen", self._p + b"log"
+
+    def item(self, image_id: str | bytes) -> bytes:
+        if isinstance(image_id, str):
+            image_id = image_id.encode()
+        return self._p + b"i:" + image_id
+
+
 class RedisGalleryStore:
     """Galleries in Redis under ``prefix + namespace + ":"``.
 
-    ``url``: a ``redis://`` URL (a database number in its path picks the database);
+    ``url``: a ``redis://`` URL (a database number in its path picks the database; with
+    ``cluster``, any one node of the cluster, from which the rest is discovered);
     ``client``: an existing client instead (the URL is then only used in messages).
+    ``min_replicas``: replicas that must acknowledge each write within ``wait_timeout_ms``
+    (``None``: 1 in cluster mode, else 0). ``default_shards``, ``default_retention_days``:
+    the settings of a gallery created by an upload. ``clock``: the time retention is
+    measured by.
     """
 
     kind = "redis"
@@ -136,206 +249,428 @@ class RedisGalleryStore:
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", namespace: str = "default",
                  prefix: str = "dsmi:", socket_timeout: float = 1.0,
-                 connect_timeout: float = 0.5, client: redis.Redis | None = None) -> None:
+                 connect_timeout: float = 0.5, client: redis.Redis | None = None,
+                 cluster: bool = False, min_replicas: int | None = None,
+                 wait_timeout_ms: int = 1000, default_shards: int = 1,
+                 default_retention_days: float | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         if not namespace or not prefix:
             raise ValueError("prefix and namespace must not be empty")
+        if any(ch in prefix + namespace for ch in "{}"):
+            raise ValueError("prefix and namespace must not hold '{' or '}' (Redis Cluster "
+                             "hash tags)")
+        check_gallery_settings(default_shards, default_retention_days)
         self.url = url
         self.namespace = namespace
         self.prefix = prefix
+        self.cluster = bool(cluster)
+        self.min_replicas = (1 if self.cluster else 0) if min_replicas is None else min_replicas
+        if self.min_replicas < 0 or wait_timeout_ms < 1:
+            raise ValueError("min_replicas must be >= 0 and wait_timeout_ms >= 1")
+        self.wait_timeout_ms = int(wait_timeout_ms)
+        self.default_shards = default_shards
+        self.default_retention_days = default_retention_days
+        self.clock = clock
         self._base = f"{prefix}{namespace}:".encode()
         self._owns_client = client is None
         # One quick retry, for a dropped connection only: a dead server must turn into a 503
         # in about a second, and the pool reconnects by itself once the server is back. A
         # timeout is not retried: a hung server (stopped, not dead) would double the wait.
-        self.client = client or redis.Redis.from_url(
-            url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
-            retry=Retry(ExponentialBackoff(cap=0.25, base=0.05), retries=1,
-                        supported_errors=(redis.ConnectionError,)),
-            retry_on_timeout=False, health_check_interval=15)
+        common = dict(socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
+                      retry=Retry(ExponentialBackoff(cap=0.25, base=0.05), retries=1,
+                                  supported_errors=(redis.ConnectionError,)))
+        if client is not None:
+            self.client = client
+        elif self.cluster:
+            self.client = redis.cluster.RedisCluster.from_url(url, **common)
+        else:
+            self.client = redis.Redis.from_url(url, retry_on_timeout=False,
+                                               health_check_interval=15, **common)
 
     # -- keys ---------------------------------------------------------------------------
-    def _key(self, *parts: str) -> bytes:
-        return self._base + ":".join(parts).encode()
+    def _conf_key(self, gallery: str) -> bytes:
+        return self._base + b"{" + gallery.encode() + b"}:conf"
 
-    def _galleries_key(self) -> bytes:
-        return self._key("galleries")
+    def _deleting_key(self, gallery: str, epoch: str) -> bytes:
+        return self._base + b"{" + gallery.encode() + b"}:deleting:" + epoch.encode()
 
-    def _ids_key(self, gallery: str) -> bytes:
-        return self._key("g", gallery)
-
-    def _item_key(self, gallery: str, image_id: str | bytes) -> bytes:
-        if isinstance(image_id, bytes):
-            image_id = image_id.decode()
-        return self._key("i", gallery, image_id)
-
-    def _gen_keys(self, gallery: str) -> tuple[bytes, bytes]:
-        return self._key("gen", gallery), self._key("log", gallery)
+    def _shards(self, config: GalleryConfig, tags: list[str]) -> list[_Shard]:
+        return [_Shard(self._base, tag, config.epoch) for tag in tags]
 
     def _guard(self, what: str):
         return _guard(what, self.url)
 
-    # -- contract -----------------------------------------------------------------------
-    def ping(self) -> None:
-        with self._guard("answer PING"):
-            self.client.ping()
+    def _cutoff(self, config: GalleryConfig) -> str:
+        """The lowest live score of ``config``'s gallery now (us), as Redis reads it."""
+        if config.retention_s is None:
+            return _NO_CUTOFF
+        return str(math.floor((self.clock() - config.retention_s) * 1e6) + 1)
 
-    def add_items(self, gallery: str, items: Sequence[NewItem]) -> int:
-        blobs = checked_blobs(items)
-        metas = [new.item.to_json() for new in items]  # checked before anything is written
+    # -- configs ----------------------------------------------------------------------------
+    @staticmethod
+    def _parse_config(fields: list) -> tuple[GalleryConfig, list[str]] | None:
+        shards, retention, epoch, created, tags = fields
+        if shards is None or epoch is None:
+            return None
+        days = float(retention) / 86400.0 if retention not in (None, b"") else None
+        return (GalleryConfig(int(shards), days, epoch.decode(), float(created or 0)),
+                json.loads(tags))
+
+    def _read_config(self, gallery: str) -> tuple[GalleryConfig, list[str]] | None:
+        fields = self.client.hmget(self._conf_key(gallery),
+                                   [b"shards", b"retention", b"epoch", b"created", b"tags"])
+        return self._parse_config(fields)
+
+    def create_gallery(self, gallery: str, shards: int | None = None,
+                       retention_days: float | None = None) -> tuple[GalleryConfig, bool]:
+        shards = self.default_shards if shards is None else shards
+        if retention_days is None:
+            retention_days = self.default_retention_days
+        check_gallery_settings(shards, retention_days)
+        epoch = uuid.uuid4().hex
+        retention = "" if retention_days is None else repr(float(retention_days) * 86400.0)
+        with self._guard("create the gallery"):
+            found = self._read_config(gallery)
+            if found is not None:  # no write: nothing for the replicas to acknowledge
+                return found[0], False
+            fields = self._write(self._conf_key(gallery), _CREATE_LUA, [self._conf_key(gallery)],
+                                 [shards, retention, epoch, repr(self.clock()),
+                                  json.dumps(shard_tags(gallery, shards))])
+        config, _ = self._parse_config(fields)
+        return config, config.epoch == epoch
+
+    def gallery_config(self, gallery: str) -> GalleryConfig | None:
+        with self._guard("read the gallery"):
+            found = self._read_config(gallery)
+        return None if found is None else found[0]
+
+    def _layout(self, gallery: str) -> tuple[GalleryConfig, list[_Shard]] | None:
+        found = self._read_config(gallery)
+        if found is None:
+            return None
+        config, tags = found
+        return config, self._shards(config, tags)
+
+    # -- writes -----------------------------------------------------------------------------
+    def _node_client(self, key: bytes) -> redis.Redis:
+        if not self.cluster:
+            return self.client
+        node = self.client.get_node_from_key(key)
+        if node.redis_connection is None:
+            self.client.nodes_manager.initialize()
+            node = self.client.get_node_from_key(key)
+        return node.redis_connection
+
+    def _write(self, key: bytes, script: str, keys: Sequence[bytes], args: Sequence):
+        """Run a write script on the node that owns ``key``'s slot, then WAIT on the same
+        connection (WAIT counts the acknowledgements of this connection's writes). A moved
+        slot or a dead node (a failover) refreshes the cluster's map and retries once: every
+        write script is safe to run twice (an upload finds its items stored, a removal finds
+        them gone)."""
+        for attempt in (0, 1):
+            try:
+                pipe = self._node_client(key).pipeline(transaction=False)
+                pipe.eval(script, len(keys), *keys, *args)
+                if self.min_replicas:
+                    pipe.execute_command("WAIT", self.min_replicas, self.wait_timeout_ms)
+                replies = pipe.execute()
+                break
+            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
+                moved = isinstance(exc, redis.ResponseError) and str(exc).startswith(
+                    ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN"))
+                if not self.cluster or attempt or not (moved or not isinstance(
+                        exc, redis.ResponseError)):
+                    raise
+                self.client.nodes_manager.initialize()
+        if self.min_replicas and int(replies[1]) < self.min_replicas:
+            raise WriteNotReplicated(
+                f"the write was applied but only {replies[1]} of {self.min_replicas} "
+                f"replica(s) acknowledged it within {self.wait_timeout_ms} ms; retry it",
+                {"acknowledged": int(replies[1]), "required": self.min_replicas})
+        return replies[0]
+
+    def add_items(self, gallery: str, items: Sequence[NewItem]) -> AddResult:
+        checked = checked_upload(items)  # before anything is written
         with self._guard("store the upload"):
-            if not items:
-                return self.gallery_size(gallery) or 0
-            last = self.client.incrby(self._key("seq"), len(items))
-            first = last - len(items) + 1
-            pipe = self.client.pipeline(transaction=True)
-            pipe.sadd(self._galleries_key(), gallery)
-            pipe.zadd(self._ids_key(gallery),
-                      {new.item.image_id: first + k for k, new in enumerate(items)})
-            for new, meta, item_blobs in zip(items, metas, blobs, strict=True):
-                mapping = {_META: meta}
-                mapping.update({_blob_key(f): v for f, v in item_blobs.items()})
-                pipe.hset(self._item_key(gallery, new.item.image_id), mapping=mapping)
-            ids = json.dumps([new.item.image_id for new in items])
-            pipe.eval(_ADD_LUA, 2, *self._gen_keys(gallery), uuid.uuid4().hex, ids,
-                      CHANGE_LOG_MAX)
-            pipe.zcard(self._ids_key(gallery))
-            return int(pipe.execute()[-1])
-
-    def gallery_size(self, gallery: str) -> int | None:
-        with self._guard("read the gallery size"):
+            layout = self._layout(gallery)
+            for _ in range(3):  # created here, or deleted by someone else that very moment
+                if layout is not None:
+                    break
+                self.create_gallery(gallery)
+                layout = self._layout(gallery)
+            if layout is None:
+                raise redis.RedisError("the gallery keeps disappearing")
+            config, shards = layout
+            groups: dict[int, list] = {}
+            for entry in checked:
+                groups.setdefault(shard_of(entry[0].item.image_id, config.shards),
+                                  []).append(entry)
+            cutoff = self._cutoff(config)
+            # Conflicts are looked for on every shard before any is written.
             pipe = self.client.pipeline(transaction=False)
-            pipe.sismember(self._galleries_key(), gallery)
-            pipe.zcard(self._ids_key(gallery))
-            exists, size = pipe.execute()
-        return int(size) if exists else None
-
-    def list_galleries(self) -> dict[str, int]:
-        with self._guard("list the galleries"):
-            names = sorted(n.decode() for n in self.client.smembers(self._galleries_key()))
-            pipe = self.client.pipeline(transaction=False)
-            for name in names:
-                pipe.zcard(self._ids_key(name))
-            sizes = pipe.execute() if names else []
-        return dict(zip(names, (int(s) for s in sizes), strict=True))
-
-    def list_items(self, gallery: str, offset: int, limit: int
-                   ) -> tuple[int, list[GalleryItem]] | None:
-        with self._guard("list the gallery"):
-            pipe = self.client.pipeline(transaction=False)
-            pipe.sismember(self._galleries_key(), gallery)
-            pipe.zcard(self._ids_key(gallery))
-            pipe.zrange(self._ids_key(gallery), offset, offset + limit - 1)
-            exists, total, ids = pipe.execute()
-            if not exists:
-                return None
-            pipe = self.client.pipeline(transaction=False)
-            for image_id in ids:
-                pipe.hget(self._item_key(gallery, image_id), _META)
-            metas = pipe.execute() if ids else []
-        parsed = (_parse_meta(m, self._item_key(gallery, i)) for m, i in zip(metas, ids,
-                                                                              strict=True))
-        return int(total), [item for item in parsed if item is not None]
-
-    def get_item(self, gallery: str, image_id: str) -> GalleryItem | None:
-        with self._guard("read the item"):
-            pipe = self.client.pipeline(transaction=False)
-            pipe.zscore(self._ids_key(gallery), image_id)
-            pipe.hget(self._item_key(gallery, image_id), _META)
-            listed, meta = pipe.execute()
-        if listed is None:
-            return None
-        return _parse_meta(meta, self._item_key(gallery, image_id))
-
-    def get_blobs(self, gallery: str, image_id: str, fields: Sequence[str]
-                  ) -> dict[str, bytes] | None:
-        with self._guard("read the item"):
-            pipe = self.client.pipeline(transaction=False)
-            pipe.zscore(self._ids_key(gallery), image_id)
-            pipe.hmget(self._item_key(gallery, image_id), [_blob_key(f) for f in fields])
-            listed, values = pipe.execute()
-        if listed is None:
-            return None
-        return {f: v for f, v in zip(fields, values, strict=True) if v is not None}
+            order = []
+            for s, group in groups.items():
+                for new, _, _ in group:
+                    pipe.zscore(shards[s].ids, new.item.image_id)
+                    pipe.hmget(shards[s].item(new.item.image_id), [_DIGEST, _META])
+                    order.append((s, new))
+            replies = pipe.execute() if order else []
+            conflicts, existing = [], {}
+            for k, (s, new) in enumerate(order):
+                score, (digest, meta) = replies[2 * k], replies[2 * k + 1]
+                if score is None or (cutoff != _NO_CUTOFF and score < float(cutoff)):
+                    continue
+                if digest is not None and digest.decode() == new.digest:
+                    existing[new.item.image_id] = _parse_meta(meta, shards[s].item(
+                        new.item.image_id)) or new.item
+                else:
+                    conflicts.append(new.item.image_id)
+            if conflicts:
+                return AddResult(self._size(config, shards), [], [], conflicts)
+            now_us = math.floor(self.clock() * 1e6)
+            places = {new.item.image_id: k for k, (new, _, _) in enumerate(checked)}
+            added: list[GalleryItem] = []
+            for s, group in groups.items():
+                shard = shards[s]
+                group = [e for e in group if e[0].item.image_id not in existing]
+                if not group and not self.min_replicas:
+                    continue  # all stored already; with replicas, the script still vouches
+                keys = [shard.ids, shard.gen, shard.log]
+                args: list = [now_us, CHANGE_LOG_MAX,
+                              cutoff if cutoff != _NO_CUTOFF else "-1e300", len(group)]
+                fresh = []
+                for new, _, blobs in group:
+                    place = places[new.item.image_id]
+                    item = dataclasses.replace(new.item, created_at=(now_us + place) / 1e6)
+                    keys.append(shard.item(item.image_id))
+                    args += [item.image_id, place, new.digest, item.to_json(), len(blobs)]
+                    for f, v in blobs.items():
+                        args += [_blob_key(f), v]
+                    fresh.append(item)
+                reply = self._write(shard.ids, _ADD_LUA, keys, args)
+                if reply[0] == b"conflict":  # written by someone else since the check
+                    conflicts += [i.decode() for i in reply[1]]
+                    continue
+                already = {i.decode() for i in reply[1]}  # an identical retry won the race
+                for item in fresh:
+                    if item.image_id in already:
+                        existing[item.image_id] = self.get_item(gallery, item.image_id) or item
+                    else:
+                        added.append(item)
+            size = self._size(config, shards)
+        added.sort(key=lambda item: places[item.image_id])
+        return AddResult(size, added, sorted(existing.values(),
+                                             key=lambda item: places[item.image_id]), conflicts)
 
     def delete_item(self, gallery: str, image_id: str) -> bool:
         with self._guard("delete the item"):
-            removed = self.client.eval(
-                _REMOVE_LUA, 4, *self._gen_keys(gallery), self._ids_key(gallery),
-                self._item_key(gallery, image_id), uuid.uuid4().hex, json.dumps([image_id]),
-                CHANGE_LOG_MAX, image_id)
+            layout = self._layout(gallery)
+            if layout is None:
+                return False
+            config, shards = layout
+            shard = shards[shard_of(image_id, config.shards)]
+            if self.get_item(gallery, image_id) is None:  # expired counts as gone
+                return False
+            removed = self._write(shard.ids, _REMOVE_LUA,
+                                  [shard.ids, shard.gen, shard.log, shard.item(image_id)],
+                                  [CHANGE_LOG_MAX, "+inf", image_id])
         return bool(removed)
 
     def delete_gallery(self, gallery: str) -> int | None:
-        ids_key = self._ids_key(gallery)
-        # The gallery's name is in the key: a sweep after a crash knows whose items to remove.
-        trash = self._key("trash", uuid.uuid4().hex, gallery)
-
-        def detach(pipe: redis.client.Pipeline) -> tuple[bool, int]:
-            exists = pipe.sismember(self._galleries_key(), gallery)
-            size = pipe.zcard(ids_key)
-            pipe.multi()
-            pipe.srem(self._galleries_key(), gallery)
-            # A new gallery of this name gets a new epoch: readers reload, never replay.
-            pipe.delete(*self._gen_keys(gallery))
-            if size:
-                pipe.rename(ids_key, trash)
-            return bool(exists), int(size)
-
         with self._guard("delete the gallery"):
-            # The gallery disappears at once (one transaction moves its id set aside); its
-            # item hashes are removed afterwards, a chunk at a time.
-            exists, size = self.client.transaction(detach, ids_key, value_from_callable=True)
-            if size:
-                self._drain(gallery, trash)
-        return size if exists else None
+            layout = self._layout(gallery)
+            if layout is None:
+                return None
+            config, shards = layout
+            size = self._size(config, shards)
+            # The gallery disappears at once (its conf key); a marker names the incarnation
+            # whose items are being removed, so that a stopped process's work is finished.
+            marker = self._deleting_key(gallery, config.epoch)
+            conf = self._conf_key(gallery)
+            raw = self.client.hgetall(conf)
+            if not raw or raw.get(b"epoch", b"").decode() != config.epoch:
+                return None  # deleted (or re-created) meanwhile
+            pipe = self._node_client(conf).pipeline(transaction=True)
+            pipe.hset(marker, mapping=raw)
+            pipe.delete(conf)
+            pipe.execute()
+            self._drain(marker, config, shards)
+        return size
 
     def finish_deletions(self) -> int:
         finished = 0
-        start = len(self._key("trash", ""))
         with self._guard("finish interrupted deletions"):
-            pattern = _glob_escape(self._key("trash", "")) + b"*"
-            for key in self.client.scan_iter(match=pattern, count=500):
-                _, _, gallery = key[start:].decode().partition(":")  # "{uuid}:{gallery}"
-                if not gallery:
-                    continue
-                self._drain(gallery, key)
+            pattern = _glob_escape(self._base) + b"{*}:deleting:*"
+            for key in self._scan(pattern):
+                fields = self.client.hmget(key, [b"shards", b"retention", b"epoch",
+                                                 b"created", b"tags"])
+                found = self._parse_config(fields)
+                if found is not None:
+                    self._drain(key, found[0], self._shards(*found))
+                else:
+                    self.client.delete(key)
                 finished += 1
         if finished:
             log.warning("finished %d gallery deletion(s) that a stopped process left half "
                         "done", finished)
         return finished
 
-    def _drain(self, gallery: str, ids_key: bytes) -> None:
-        while True:
-            ids = self.client.zrange(ids_key, 0, _DRAIN_CHUNK - 1)
-            if not ids:
-                break
+    def _drain(self, marker: bytes, config: GalleryConfig, shards: list[_Shard]) -> None:
+        """Remove a deleted incarnation's keys, then its ``marker``."""
+        for shard in shards:
+            while True:
+                ids = self.client.zrange(shard.ids, 0, _DRAIN_CHUNK - 1)
+                if not ids:
+                    break
+                node = self._node_client(shard.ids)
+                pipe = node.pipeline(transaction=False)
+                pipe.unlink(*(shard.item(i) for i in ids))
+                pipe.zrem(shard.ids, *ids)
+                pipe.execute()
+            self._node_client(shard.ids).unlink(shard.ids, shard.gen, shard.log)
+        self.client.delete(marker)
+
+    def purge_expired(self) -> int:
+        removed = 0
+        with self._guard("purge expired items"):
+            for gallery in self._gallery_names():
+                layout = self._layout(gallery)
+                if layout is None or layout[0].retention_s is None:
+                    continue
+                config, shards = layout
+                cutoff = self._cutoff(config)
+                for shard in shards:
+                    while True:
+                        ids = self.client.zrange(shard.ids, "-inf", f"({cutoff}", byscore=True,
+                                                 offset=0, num=_PURGE_CHUNK)
+                        if not ids:
+                            break
+                        removed += int(self._write(
+                            shard.ids, _REMOVE_LUA,
+                            [shard.ids, shard.gen, shard.log, *(shard.item(i) for i in ids)],
+                            [CHANGE_LOG_MAX, cutoff, *ids]))
+        return removed
+
+    # -- reads ------------------------------------------------------------------------------
+    def ping(self) -> None:
+        with self._guard("answer PING"):
+            self.client.ping()
+
+    def _scan(self, pattern: bytes) -> Iterator[bytes]:
+        yield from self.client.scan_iter(match=pattern, count=1000)
+
+    def _gallery_names(self) -> list[str]:
+        start = len(self._base) + 1
+        names = set()
+        for key in self._scan(_glob_escape(self._base) + b"{*}:conf"):
+            names.add(key[start:-len(b"}:conf")].decode())
+        return sorted(names)
+
+    def _size(self, config: GalleryConfig, shards: list[_Shard]) -> int:
+        cutoff = self._cutoff(config)
+        pipe = self.client.pipeline(transaction=False)
+        for shard in shards:
+            pipe.zcount(shard.ids, cutoff, "+inf")
+        return sum(int(n) for n in pipe.execute())
+
+    def gallery_size(self, gallery: str) -> int | None:
+        with self._guard("read the gallery size"):
+            layout = self._layout(gallery)
+            return None if layout is None else self._size(*layout)
+
+    def list_galleries(self) -> dict[str, int]:
+        with self._guard("list the galleries"):
+            out = {}
+            for name in self._gallery_names():
+                size = self.gallery_size(name)
+                if size is not None:
+                    out[name] = size
+        return out
+
+    def list_items(self, gallery: str, offset: int, limit: int
+                   ) -> tuple[int, list[GalleryItem]] | None:
+        with self._guard("list the gallery"):
+            layout = self._layout(gallery)
+            if layout is None:
+                return None
+            config, shards = layout
+            cutoff = self._cutoff(config)
             pipe = self.client.pipeline(transaction=False)
-            pipe.unlink(*(self._item_key(gallery, i) for i in ids))
-            pipe.zrem(ids_key, *ids)
-            pipe.execute()
-        self.client.delete(ids_key)
+            for shard in shards:
+                pipe.zcount(shard.ids, cutoff, "+inf")
+                # Insertion order across shards: each shard's first offset + limit, merged.
+                pipe.zrange(shard.ids, cutoff, "+inf", byscore=True, offset=0,
+                            num=offset + limit, withscores=True)
+            replies = pipe.execute()
+            total = sum(int(n) for n in replies[0::2])
+            rows = sorted((score, s, image_id) for s, page in enumerate(replies[1::2])
+                          for image_id, score in page)[offset:offset + limit]
+            pipe = self.client.pipeline(transaction=False)
+            for _, s, image_id in rows:
+                pipe.hget(shards[s].item(image_id), _META)
+            metas = pipe.execute() if rows else []
+        parsed = (_parse_meta(m, shards[s].item(i)) for m, (_, s, i) in zip(metas, rows,
+                                                                              strict=True))
+        return total, [item for item in parsed if item is not None]
+
+    def _live_item(self, gallery: str, image_id: str, fields: list[bytes]):
+        """(the item's shard, the HMGET of ``fields``) if it is live, else ``None``."""
+        layout = self._layout(gallery)
+        if layout is None:
+            return None
+        config, shards = layout
+        shard = shards[shard_of(image_id, config.shards)]
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zscore(shard.ids, image_id)
+        pipe.hmget(shard.item(image_id), fields)
+        score, values = pipe.execute()
+        cutoff = self._cutoff(config)
+        if score is None or (cutoff != _NO_CUTOFF and score < float(cutoff)):
+            return None
+        return shard, values
+
+    def get_item(self, gallery: str, image_id: str) -> GalleryItem | None:
+        with self._guard("read the item"):
+            found = self._live_item(gallery, image_id, [_META])
+        if found is None:
+            return None
+        shard, (meta,) = found
+        return _parse_meta(meta, shard.item(image_id))
+
+    def get_blobs(self, gallery: str, image_id: str, fields: Sequence[str]
+                  ) -> dict[str, bytes] | None:
+        with self._guard("read the item"):
+            found = self._live_item(gallery, image_id, [_blob_key(f) for f in fields])
+        if found is None:
+            return None
+        return {f: v for f, v in zip(fields, found[1], strict=True) if v is not None}
 
     def iter_chunks(self, gallery: str, fields: Sequence[str], chunk_size: int
                     ) -> Iterator[Chunk]:
         if chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")
+        with self._guard("read the gallery"):
+            layout = self._layout(gallery)
+        if layout is None:
+            return
+        config, shards = layout
         wanted = [_META] + [_blob_key(f) for f in fields]
-        cursor: str | float = "-inf"
-        while True:
-            with self._guard("read the gallery"):
-                rows = self.client.zrange(self._ids_key(gallery), cursor, "+inf", byscore=True,
-                                          offset=0, num=chunk_size, withscores=True)
-                if not rows:
-                    return
-                pipe = self.client.pipeline(transaction=False)
-                for image_id, _ in rows:
-                    pipe.hmget(self._item_key(gallery, image_id), wanted)
-                values = pipe.execute()
-            chunk = self._chunk(gallery, [image_id for image_id, _ in rows], values, fields)
-            if chunk:
-                yield chunk
-            cursor = f"({int(rows[-1][1])}"
+        for shard in shards:
+            cursor: str = self._cutoff(config)
+            while True:
+                with self._guard("read the gallery"):
+                    rows = self.client.zrange(shard.ids, cursor, "+inf", byscore=True,
+                                              offset=0, num=chunk_size, withscores=True)
+                    if not rows:
+                        break
+                    pipe = self.client.pipeline(transaction=False)
+                    for image_id, _ in rows:
+                        pipe.hmget(shard.item(image_id), wanted)
+                    values = pipe.execute()
+                chunk = self._chunk(shard, [image_id for image_id, _ in rows], values, fields)
+                if chunk:
+                    yield chunk
+                cursor = f"({int(rows[-1][1])}"
 
     def fetch_items(self, gallery: str, image_ids: Sequence[str], fields: Sequence[str]
                     ) -> Chunk:
@@ -344,23 +679,34 @@ class RedisGalleryStore:
             return []
         wanted = [_META] + [_blob_key(f) for f in fields]
         with self._guard("read the items"):
+            layout = self._layout(gallery)
+            if layout is None:
+                return []
+            config, shards = layout
+            cutoff = self._cutoff(config)
+            where = [shards[shard_of(i, config.shards)] for i in image_ids]
             pipe = self.client.pipeline(transaction=False)
-            pipe.zmscore(self._ids_key(gallery), image_ids)
-            for image_id in image_ids:
-                pipe.hmget(self._item_key(gallery, image_id), wanted)
-            listed, *rows = pipe.execute()
-        # An item hash can outlive its listing while a deleted gallery is being drained.
-        kept = [(i, row) for i, row, score in zip(image_ids, rows, listed, strict=True)
-                if score is not None]
-        return self._chunk(gallery, [i for i, _ in kept], [row for _, row in kept], fields)
+            for image_id, shard in zip(image_ids, where, strict=True):
+                pipe.zscore(shard.ids, image_id)
+                pipe.hmget(shard.item(image_id), wanted)
+            replies = pipe.execute()
+        chunk: Chunk = []
+        for k, (image_id, shard) in enumerate(zip(image_ids, where, strict=True)):
+            score, row = replies[2 * k], replies[2 * k + 1]
+            # An item hash can outlive its listing while a deleted gallery is being drained.
+            if score is None or (cutoff != _NO_CUTOFF and score < float(cutoff)):
+                continue
+            chunk += self._chunk(shard, [image_id], [row], fields)
+        return chunk
 
-    def _chunk(self, gallery: str, image_ids: Sequence[str | bytes], rows: Sequence[list],
+    @staticmethod
+    def _chunk(shard: _Shard, image_ids: Sequence[str | bytes], rows: Sequence[list],
                fields: Sequence[str]) -> Chunk:
         """HMGET rows (meta, then the fields) -> a chunk; an item whose meta is gone (deleted
         since its id was read) or damaged (logged) is left out."""
         chunk: Chunk = []
         for image_id, row in zip(image_ids, rows, strict=True):
-            item = _parse_meta(row[0], self._item_key(gallery, image_id))
+            item = _parse_meta(row[0], shard.item(image_id))
             if item is not None:
                 chunk.append((item, {f: v for f, v in zip(fields, row[1:], strict=True)
                                      if v is not None}))
@@ -368,47 +714,72 @@ class RedisGalleryStore:
 
     def generation(self, gallery: str) -> Generation:
         with self._guard("read the gallery generation"):
-            epoch, number = self.client.hmget(self._gen_keys(gallery)[0], [b"epoch", b"n"])
-        return Generation(epoch.decode() if epoch else "", int(number or 0))
+            layout = self._layout(gallery)
+            if layout is None:
+                return Generation("")
+            config, shards = layout
+            pipe = self.client.pipeline(transaction=False)
+            for shard in shards:
+                pipe.hget(shard.gen, b"n")
+            numbers = tuple(int(n or 0) for n in pipe.execute())
+        return Generation(config.epoch, numbers, config.retention_s)
 
     def changes_since(self, gallery: str, since: Generation
                       ) -> tuple[Generation, list[Change] | None]:
         with self._guard("read the gallery changes"):
-            epoch, number, entries = self.client.eval(
-                _CHANGES_LUA, 2, *self._gen_keys(gallery), since.epoch, since.number,
-                CHANGE_LOG_MAX)
-        now = Generation(epoch.decode() if isinstance(epoch, bytes) else str(epoch or ""),
-                         int(number))
+            layout = self._layout(gallery)
+            if layout is None:
+                return Generation(""), (None if since.epoch else [])
+            config, shards = layout
+            same = config.epoch == since.epoch and len(since.numbers) == len(shards)
+            pipe = self.client.pipeline(transaction=False)
+            for s, shard in enumerate(shards):
+                pipe.eval(_CHANGES_LUA, 2, shard.gen, shard.log,
+                          since.numbers[s] if same else 0, CHANGE_LOG_MAX if same else 0)
+            replies = pipe.execute()
+        now = Generation(config.epoch, tuple(int(n) for n, _ in replies), config.retention_s)
         if now == since:
             return now, []
-        if now.epoch != since.epoch or now.number < since.number:
+        if not same:
             return now, None
-        changes = []
-        for _, fields in reversed(entries):
-            values = dict(zip(fields[::2], fields[1::2], strict=True))
-            try:
-                changes.append(Change(int(values[b"n"]), values[b"op"].decode(),
-                                      tuple(json.loads(values[b"ids"]))))
-            except (KeyError, ValueError, TypeError):
-                log.warning("gallery %s: unreadable change record %r", gallery, values)
+        changes: list[Change] = []
+        for s, (number, entries) in enumerate(replies):
+            shard_changes = []
+            for _, fields in reversed(entries):
+                values = dict(zip(fields[::2], fields[1::2], strict=True))
+                try:
+                    shard_changes.append(Change(int(values[b"n"]), values[b"op"].decode(),
+                                                tuple(json.loads(values[b"ids"])), s))
+                except (KeyError, ValueError, TypeError):
+                    log.warning("gallery %s: unreadable change record %r", gallery, values)
+                    return now, None
+            # The stream is trimmed lazily and may have lost the oldest entries asked for.
+            if [c.number for c in shard_changes] != list(range(since.numbers[s] + 1,
+                                                              int(number) + 1)):
                 return now, None
-        # The stream is trimmed lazily and may have lost the oldest entries asked for.
-        if [c.number for c in changes] != list(range(since.number + 1, now.number + 1)):
-            return now, None
+            changes += shard_changes
         return now, changes
 
     def clear(self) -> None:
         pattern = _glob_escape(self._base) + b"*"
         with self._guard("clear the namespace"):
             batch: list[bytes] = []
-            for key in self.client.scan_iter(match=pattern, count=1000):
+            for key in self._scan(pattern):
                 batch.append(key)
                 if len(batch) >= 1000:
-                    self.client.unlink(*batch)
-                    batch.clear()
-            if batch:
-                self.client.unlink(*batch)
+                    self._unlink_each(batch)
+            self._unlink_each(batch)
+
+    def _unlink_each(self, keys: list[bytes]) -> None:
+        """UNLINK ``keys`` (of any slots) in one pipeline, and empty the list."""
+        if keys:
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.unlink(key)
+            pipe.execute()
+            keys.clear()
 
     def close(self) -> None:
         if self._owns_client:
             self.client.close()
+

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -115,7 +116,7 @@ class ResidentGallery:
         self.fields = tuple(codec.required)
         self.embedding_field = embedding_field if embedding_field in self.fields else None
         self.lock = threading.Lock()
-        self.generation = Generation("", 0)
+        self.generation = Generation("")
         self.loaded = False
         self._reset(0)
 
@@ -133,6 +134,7 @@ class ResidentGallery:
         self._alive = np.zeros(capacity, bool)
         self._alive_shared = False  # a view holds rows of _alive: copy before clearing one
         self._camera = np.zeros(capacity, np.int32)
+        self._created = np.zeros(capacity, np.float64)  # for the gallery's retention
         self._camera_codes: dict[str, int] = {}
         self._drop_placed()
 
@@ -148,12 +150,13 @@ class ResidentGallery:
     @property
     def nbytes(self) -> int:
         arrays = sum(a.nbytes for a in self._arrays.values()) + self._alive.nbytes
-        arrays += self._camera.nbytes + (self._unit.nbytes if self._unit is not None else 0)
+        arrays += self._camera.nbytes + self._created.nbytes
+        arrays += self._unit.nbytes if self._unit is not None else 0
         return arrays + ITEM_OVERHEAD * len(self._items)
 
     def item_bytes(self) -> int:
         """Bytes one more item takes here (arrays at full capacity use, and overhead)."""
-        per = sum(self.codec.item_bytes(f) for f in self.fields) + 1 + 4 + ITEM_OVERHEAD
+        per = sum(self.codec.item_bytes(f) for f in self.fields) + 1 + 4 + 8 + ITEM_OVERHEAD
         if self.embedding_field:
             per += 4 * self.codec.spec[self.embedding_field][0]
         return per
@@ -174,6 +177,7 @@ class ResidentGallery:
         self._arrays = {f: grown(a) for f, a in self._arrays.items()}
         self._unit = grown(self._unit) if self._unit is not None else None
         self._alive, self._camera = grown(self._alive), grown(self._camera)
+        self._created = grown(self._created)
         self._alive_shared = False
         self._drop_placed()
 
@@ -191,6 +195,7 @@ class ResidentGallery:
         if self._unit is not None:
             self._unit[start:end] = l2_normalise(batch[self.embedding_field])
         self._alive[start:end] = True
+        self._created[start:end] = [item.created_at for item in items]
         for k, item in enumerate(items):
             code = self._camera_codes.setdefault(item.camera_id, len(self._camera_codes))
             self._camera[start + k] = code
@@ -215,6 +220,7 @@ class ResidentGallery:
         self._arrays = {f: a[keep] for f, a in self._arrays.items()}
         self._unit = self._unit[keep] if self._unit is not None else None
         self._alive, self._camera = self._alive[keep], self._camera[keep]
+        self._created = self._created[keep]
         self._alive_shared = False
         self._drop_placed()
         self._items = [self._items[k] for k in keep]
@@ -274,7 +280,7 @@ class ResidentGallery:
         A scan that fails half-way (the store went away) leaves this copy unloaded: the next
         sync loads it again rather than replaying onto a partial copy."""
         self.loaded = False
-        self.generation = Generation("", 0)
+        self.generation = Generation("")
         start = store.generation(self.name)
         self._reset(0)
         skipped = 0
@@ -283,11 +289,17 @@ class ResidentGallery:
         self.generation, self.loaded = start, True
         return skipped
 
-    def view(self, placer: Placer | None = None) -> GalleryView:
+    def view(self, placer: Placer | None = None, now: float | None = None) -> GalleryView:
         """A snapshot of the gallery; with ``placer``, its rows placed where the head runs
-        too (only the rows added since the last placement, from their chunk on)."""
+        too (only the rows added since the last placement, from their chunk on). ``now``:
+        the time by which items past the gallery's retention are left out (not yet purged
+        from the store, or purged but not yet synced)."""
         n = self._n
         self._alive_shared = True
+        alive = self._alive[:n]
+        retention = self.generation.retention_s
+        if retention is not None and now is not None:
+            alive = alive & (self._created[:n] > now - retention)
         placed = None
         if placer is not None:
             if self._placed_rows < n:
@@ -300,7 +312,7 @@ class ResidentGallery:
             generation=self.generation, items=self._items[:n],
             arrays={f: a[:n] for f, a in self._arrays.items()},
             unit_embedding=self._unit[:n] if self._unit is not None else None,
-            alive=self._alive[:n], camera=self._camera[:n],
+            alive=alive, camera=self._camera[:n],
             camera_codes=dict(self._camera_codes), placed=placed)
 
 
@@ -310,9 +322,11 @@ class ResidentCache:
     field (``None``: no stage one)."""
 
     def __init__(self, codec: TensorCodec, max_bytes: int,
-                 embedding_field: str | None = None) -> None:
+                 embedding_field: str | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         if max_bytes < 0:
             raise ValueError("max_bytes must not be negative")
+        self.clock = clock  # the store's: expired items leave a view as they leave the store
         self.codec = codec
         self.max_bytes = int(max_bytes)
         self.embedding_field = embedding_field
@@ -351,7 +365,7 @@ class ResidentCache:
             self._galleries.move_to_end(gallery)
         with resident.lock:
             report = resident.sync(store)
-            view = resident.view(placer)
+            view = resident.view(placer, now=self.clock())
             size = resident.nbytes
         if size > self.max_bytes:
             self.drop(gallery)
