@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# Redis servers, a replica pair and a Redis Cluster on free loopback ports, as fixtures.
+pytest_plugins = ["tests.redis_cluster"]
+
 ROOT = Path(__file__).resolve().parents[1]
 # Real re-id images live beside the project, never inside it (../shared/data by default).
 DATA_DIR = Path(os.environ.get("DSMI_DATA", ROOT.parent / "shared" / "data"))

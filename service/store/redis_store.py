@@ -552,6 +552,16 @@ class RedisGalleryStore:
         return removed
 
     # -- reads ------------------------------------------------------------------------------
+    def _evals(self, script: str, calls: list[tuple[list[bytes], list]]) -> list:
+        """Run a read-only script once per (keys, args): in one pipeline on one server; on a
+        cluster (whose pipelines take no scripts) one call each, routed by its keys."""
+        if self.cluster:
+            return [self.client.eval(script, len(keys), *keys, *args) for keys, args in calls]
+        pipe = self.client.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.eval(script, len(keys), *keys, *args)
+        return pipe.execute()
+
     def ping(self) -> None:
         with self._guard("answer PING"):
             self.client.ping()
@@ -732,11 +742,10 @@ class RedisGalleryStore:
                 return Generation(""), (None if since.epoch else [])
             config, shards = layout
             same = config.epoch == since.epoch and len(since.numbers) == len(shards)
-            pipe = self.client.pipeline(transaction=False)
-            for s, shard in enumerate(shards):
-                pipe.eval(_CHANGES_LUA, 2, shard.gen, shard.log,
-                          since.numbers[s] if same else 0, CHANGE_LOG_MAX if same else 0)
-            replies = pipe.execute()
+            replies = self._evals(_CHANGES_LUA, [
+                ([shard.gen, shard.log],
+                 [since.numbers[s] if same else 0, CHANGE_LOG_MAX if same else 0])
+                for s, shard in enumerate(shards)])
         now = Generation(config.epoch, tuple(int(n) for n, _ in replies), config.retention_s)
         if now == since:
             return now, []

@@ -33,19 +33,24 @@ def redis_prefix():
     delete_prefix(prefix)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def make_store(request):
-    """Stores of one backend: ``make_store(namespace)``; Redis ones share one test prefix."""
+    """Stores of one backend: ``make_store(namespace)``; Redis ones share one test prefix
+    (on the single Redis, or on the session's Redis Cluster of 3 masters + 3 replicas)."""
     made: list[GalleryStore] = []
+    backing = None
     if request.param == "redis":
         prefix = request.getfixturevalue("redis_prefix")
-        backing = None
+        url, cluster = REDIS_URL, False
+    elif request.param == "cluster":
+        prefix = new_prefix()
+        url, cluster = request.getfixturevalue("redis_cluster").seed_url, True
     else:
         backing = {}
 
     def make(namespace: str = "model-a") -> GalleryStore:
         if backing is None:
-            store = RedisGalleryStore(REDIS_URL, namespace=namespace, prefix=prefix)
+            store = RedisGalleryStore(url, namespace=namespace, prefix=prefix, cluster=cluster)
         else:  # in-process stores of one namespace share nothing but the namespace name
             store = backing.setdefault(namespace, MemoryGalleryStore(namespace))
         made.append(store)
@@ -53,6 +58,8 @@ def make_store(request):
 
     yield make
     for store in made:
+        if request.param == "cluster":
+            store.clear()
         store.close()
 
 

@@ -23,14 +23,18 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def make_store(request):
     """``make_store(**settings)`` -> a store of this backend with a clock of its own
     (``store.clock``), in a fresh namespace."""
     made = []
     prefix = None
+    url, cluster = REDIS_URL, False
     if request.param == "redis":
         redis_client()  # skips without Redis
+        prefix = new_prefix()
+    elif request.param == "cluster":
+        url, cluster = request.getfixturevalue("redis_cluster").seed_url, True
         prefix = new_prefix()
 
     def make(**kwargs):
@@ -38,12 +42,15 @@ def make_store(request):
         if prefix is None:
             store = MemoryGalleryStore("m", **kwargs)
         else:
-            store = RedisGalleryStore(REDIS_URL, namespace="m", prefix=prefix, **kwargs)
+            store = RedisGalleryStore(url, namespace="m", prefix=prefix, cluster=cluster,
+                                      **kwargs)
         made.append(store)
         return store
 
     yield make
     for store in made:
+        if cluster:
+            store.clear()
         store.close()
     if prefix is not None:
         delete_prefix(prefix)
@@ -191,7 +198,7 @@ def test_expired_items_leave_every_read_at_once_and_are_purged(make_store):
 # -- replicas -------------------------------------------------------------------------------------
 
 def test_a_write_no_replica_acknowledges_is_a_503_but_whole(make_store, request):
-    if "redis" not in request.node.callspec.id:
+    if request.node.callspec.id != "redis":
         pytest.skip("replica acknowledgement is Redis's")
     plain = make_store()
     plain.create_gallery("g", shards=2)
