@@ -18,6 +18,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
@@ -40,6 +41,7 @@ from tests.service_support import image_bytes, service_engine
 OPERATIONS = [
     ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"),
     ("GET", "/v1/galleries"),
+    ("PUT", "/v1/galleries/{gallery}"), ("GET", "/v1/galleries/{gallery}"),
     ("POST", "/v1/galleries/{gallery}/images"), ("GET", "/v1/galleries/{gallery}/images"),
     ("GET", "/v1/galleries/{gallery}/images/{image_id}"),
     ("GET", "/v1/galleries/{gallery}/images/{image_id}/thumbnail"),
@@ -136,10 +138,41 @@ def _png(seed: int) -> bytes:
     return buf.getvalue()
 
 
+def _float_tiff(bad: float) -> bytes:
+    """A float TIFF with one NaN or infinite pixel (issue 19: once stored as a black image)."""
+    values = np.linspace(0, 1, 48 * 96, dtype=np.float32).reshape(96, 48)
+    values[10, 10] = bad
+    buf = io.BytesIO()
+    Image.fromarray(values).save(buf, "TIFF")
+    return buf.getvalue()
+
+
+def _mpo() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 96), (200, 30, 30)).save(
+        buf, "MPO", save_all=True, append_images=[Image.new("RGB", (48, 96), (0, 0, 200))])
+    return buf.getvalue()
+
+
+# Issue 19's hostile images, whole and damaged: a 16-bit PNG that decodes big, float TIFFs
+# with NaN and infinite pixels, a multi-picture JPEG (MPO).
+def _png16(side: int = 1000) -> bytes:
+    """A small file that decodes big: a 16-bit greyscale gradient (issue 19: 37 KB at
+    4000x4000 once took 424 MB to decode)."""
+    ramp = np.add.outer(np.arange(side), np.arange(side)).astype(np.uint16) * 30
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, "PNG")
+    return buf.getvalue()
+
+
+HOSTILE = [_png16(), _float_tiff(np.nan), _float_tiff(np.inf), _mpo()]
+
+
 @pytest.mark.parametrize("route", ["upload", "query"])
 def test_random_and_damaged_images_never_give_a_server_error(app, route):
     client = TestClient(app)
-    sources = st.one_of(st.binary(max_size=256), _damaged(image_bytes(9)), _damaged(_png(9)))
+    sources = st.one_of(st.binary(max_size=256), _damaged(image_bytes(9)), _damaged(_png(9)),
+                        st.sampled_from(HOSTILE), *(_damaged(h) for h in HOSTILE))
 
     @given(data=sources)
     @settings(max_examples=2 * EXAMPLES, deadline=None, derandomize=True, database=None,
@@ -158,3 +191,24 @@ def test_random_and_damaged_images_never_give_a_server_error(app, route):
                                                  "image_too_large"), r.text
 
     fuzz()
+
+
+def test_invented_methods_and_paths_never_give_a_server_error(app):
+    """Issue 19: any method name and path gets a 4xx, and the metrics stay bounded."""
+    client = TestClient(app)
+    methods = st.from_regex(r"[A-Z][A-Z0-9]{0,11}", fullmatch=True)
+    paths = st.one_of(st.sampled_from(["/", "/v1/galleries", f"/v1/galleries/{EXISTING}",
+                                       f"/v1/galleries/{EXISTING}/images", "/metrics"]),
+                      st.from_regex(r"/[a-z0-9/]{0,30}", fullmatch=True))
+
+    @given(method=methods, path=paths)
+    @settings(max_examples=2 * EXAMPLES, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    def fuzz(method, path):
+        r = client.request(method, path)
+        SENT[f"{r.status_code // 100}xx"] += 1
+        assert r.status_code < 500, (method, path, r.text)
+
+    before = len(client.get("/metrics").text)
+    fuzz()
+    assert len(client.get("/metrics").text) < before + 20_000  # labels from closed sets
