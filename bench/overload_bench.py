@@ -15,6 +15,9 @@ for ``--seconds``. Three designs in the same run:
 Reported per design: admitted queries/s, p50/p95 latency of admitted (200) queries, refused
 (503) per second, and connection errors (dropped or reset connections, never answered).
 Clients that are refused wait ``Retry-After`` and try again, as a well-behaved client does.
+Beside them, ``--slow-clients`` connections (default 6, issue 19's attack: four uploads and
+two queries) send their bodies one byte every 0.3 s for the whole run, each reopened when the
+service closes it; the row reports how many times the service cut one off.
 
     .venv/bin/python -m bench.overload_bench                      # 100 clients, 1,000 images
     .venv/bin/python -m bench.overload_bench --clients 20 --gallery 200 --seconds 20
@@ -32,6 +35,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -60,6 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gallery", type=int, default=1000)
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--designs", nargs="+", default=list(DESIGNS), choices=list(DESIGNS))
+    p.add_argument("--slow-clients", type=int, default=6)
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     p.add_argument("--model-dir", type=Path)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overload.json")
@@ -180,6 +185,25 @@ async def _load(base: str, probes, clients: int, seconds: float) -> dict:
             "p95_ms": round(float(np.percentile(lat, 95)), 1)}
 
 
+def _slow_clients(base: str, n: int, stop: threading.Event) -> tuple[list, list]:
+    """``n`` dribbling connections (two thirds uploads, a third queries), each reopened when
+    the service answers or closes it, until ``stop`` -> (threads, answers' status lines)."""
+    from tests.service_support import dribble_body
+
+    port = int(base.rsplit(":", 1)[1])
+    answers: list[bytes] = []
+
+    def dribble(k: int) -> None:
+        path = "/v1/galleries/bench/query" if k % 3 == 2 else "/v1/galleries/bench/images"
+        while not stop.is_set():
+            answers.append(dribble_body(port, path, stop))
+
+    threads = [threading.Thread(target=dribble, args=(k,), daemon=True) for k in range(n)]
+    for t in threads:
+        t.start()
+    return threads, answers
+
+
 def _delete_prefix(url: str, prefix: str) -> None:
     import redis
 
@@ -199,8 +223,17 @@ def main(argv=None) -> int:
         try:
             asyncio.run(_wait_ready(base, proc))
             asyncio.run(_upload(base, gallery))
-            row = {"design": design, **asyncio.run(_load(base, probes, args.clients,
-                                                         args.seconds))}
+            stop = threading.Event()
+            slow, answers = _slow_clients(base, args.slow_clients, stop)
+            try:
+                row = {"design": design, **asyncio.run(_load(base, probes, args.clients,
+                                                             args.seconds))}
+            finally:
+                stop.set()
+                for t in slow:
+                    t.join(timeout=10)
+            row["slow_clients"] = args.slow_clients
+            row["slow_cut_off"] = sum(1 for a in answers if a)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
@@ -208,7 +241,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     header = ("design", "admitted_per_s", "p50_ms", "p95_ms", "refused_per_s",
-              "connection_errors", "other")
+              "connection_errors", "other", "slow_clients", "slow_cut_off")
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(str(row[h]) for h in header) + " |")
