@@ -8,9 +8,11 @@ ranges, N shards of a gallery land on N masters), so that every write touches on
 runs as one Lua script there:
 
 - ``B{gallery}:conf``: hash ``shards``, ``retention`` (seconds, or empty), ``epoch``,
-  ``created``, ``tags`` (JSON list of the shards' tags): the gallery exists while it does.
-  The registry of galleries is derived: a SCAN for ``B{*}:conf`` (on every master);
-  nothing global is written by an upload;
+  ``created``, ``tags`` (JSON list of the shards' tags): the gallery exists while it does;
+- ``Bregistry``: set of gallery names, for listings: written when a gallery is created or
+  deleted (a write of its own, after the conf key's), never by an upload; a name whose conf
+  key is gone is left out, and one missing (a process stopped between the two writes) is
+  added back by a scan for ``B{*}:conf`` at start (:meth:`finish_deletions`);
 - ``B{T}:E:ids``: sorted set of the shard's image ids, scored by insertion time in
   microseconds (the store's clock, made strictly increasing per shard by the script), for
   epoch ``E`` (a gallery deleted and created again uses new keys);
@@ -163,6 +165,8 @@ local behind = n - tonumber(ARGV[1])
 if behind <= 0 or behind > tonumber(ARGV[2]) then return {n, {}} end
 return {n, redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', behind)}
 """
+# KEYS: the registry; ARGV: SADD or SREM, the gallery name.
+_REGISTER_LUA = "return redis.call(ARGV[1], KEYS[1], ARGV[2])"
 # KEYS: conf. ARGV: shards, retention, epoch, created, tags. Creates it unless it exists;
 # returns the stored fields either way.
 _CREATE_LUA = """
@@ -288,6 +292,9 @@ class RedisGalleryStore:
                                                health_check_interval=15, **common)
 
     # -- keys ---------------------------------------------------------------------------
+    def _registry_key(self) -> bytes:
+        return self._base + b"registry"
+
     def _conf_key(self, gallery: str) -> bytes:
         return self._base + b"{" + gallery.encode() + b"}:conf"
 
@@ -337,7 +344,12 @@ class RedisGalleryStore:
                                  [shards, retention, epoch, repr(self.clock()),
                                   json.dumps(shard_tags(gallery, shards))])
         config, _ = self._parse_config(fields)
-        return config, config.epoch == epoch
+        created = config.epoch == epoch
+        if created:
+            with self._guard("register the gallery"):
+                self._write(self._registry_key(), _REGISTER_LUA, [self._registry_key()],
+                            ["SADD", gallery])
+        return config, created
 
     def gallery_config(self, gallery: str) -> GalleryConfig | None:
         with self._guard("read the gallery"):
@@ -494,11 +506,17 @@ class RedisGalleryStore:
             pipe.hset(marker, mapping=raw)
             pipe.delete(conf)
             pipe.execute()
+            self._write(self._registry_key(), _REGISTER_LUA, [self._registry_key()],
+                        ["SREM", gallery])
             self._drain(marker, config, shards)
         return size
 
     def finish_deletions(self) -> int:
         finished = 0
+        with self._guard("repair the gallery registry"):
+            listed = {n.decode() for n in self.client.smembers(self._registry_key())}
+            for name in set(self._scanned_gallery_names()) - listed:
+                self.client.sadd(self._registry_key(), name)
         with self._guard("finish interrupted deletions"):
             pattern = _glob_escape(self._base) + b"{*}:deleting:*"
             for key in self._scan(pattern):
@@ -569,12 +587,16 @@ class RedisGalleryStore:
     def _scan(self, pattern: bytes) -> Iterator[bytes]:
         yield from self.client.scan_iter(match=pattern, count=1000)
 
-    def _gallery_names(self) -> list[str]:
+    def _scanned_gallery_names(self) -> list[str]:
+        """The galleries by their conf keys (a scan of the whole namespace: start-up only)."""
         start = len(self._base) + 1
         names = set()
         for key in self._scan(_glob_escape(self._base) + b"{*}:conf"):
             names.add(key[start:-len(b"}:conf")].decode())
         return sorted(names)
+
+    def _gallery_names(self) -> list[str]:
+        return sorted(n.decode() for n in self.client.smembers(self._registry_key()))
 
     def _size(self, config: GalleryConfig, shards: list[_Shard]) -> int:
         cutoff = self._cutoff(config)
@@ -590,12 +612,24 @@ class RedisGalleryStore:
 
     def list_galleries(self) -> dict[str, int]:
         with self._guard("list the galleries"):
-            out = {}
-            for name in self._gallery_names():
-                size = self.gallery_size(name)
-                if size is not None:
-                    out[name] = size
-        return out
+            names = self._gallery_names()
+            pipe = self.client.pipeline(transaction=False)
+            for name in names:
+                pipe.hmget(self._conf_key(name),
+                           [b"shards", b"retention", b"epoch", b"created", b"tags"])
+            layouts = []
+            for name, fields in zip(names, pipe.execute() if names else [], strict=True):
+                found = self._parse_config(fields)
+                if found is not None:  # else deleted since it was listed
+                    layouts.append((name, found[0], self._shards(*found)))
+            pipe = self.client.pipeline(transaction=False)
+            for _, config, shards in layouts:
+                cutoff = self._cutoff(config)
+                for shard in shards:
+                    pipe.zcount(shard.ids, cutoff, "+inf")
+            counts = iter(pipe.execute() if layouts else [])
+            return {name: sum(int(next(counts)) for _ in shards)
+                    for name, _, shards in layouts}
 
     def list_items(self, gallery: str, offset: int, limit: int
                    ) -> tuple[int, list[GalleryItem]] | None:

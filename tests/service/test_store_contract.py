@@ -413,3 +413,16 @@ def test_redis_the_service_finishes_interrupted_deletions_when_it_starts(redis_p
         assert client.get("/readyz").status_code == 200
     left = list(store.client.scan_iter(match=redis_prefix + "*"))
     assert not any(b":deleting:" in k or b":i:" in k for k in left)
+
+
+def test_redis_a_gallery_missing_from_the_registry_is_listed_again_at_start(redis_prefix):
+    store = RedisGalleryStore(REDIS_URL, namespace="m", prefix=redis_prefix)
+    store.add_items("g1", new_items(2))
+    store.add_items("g2", new_items(1))
+    # A process stopped between creating g2 and registering it: listings miss it...
+    store.client.srem(store._registry_key(), "g2")
+    assert store.list_galleries() == {"g1": 2} and store.gallery_size("g2") == 1
+    # ... until the next start repairs the registry from the galleries' own keys.
+    store.finish_deletions()
+    assert store.list_galleries() == {"g1": 2, "g2": 1}
+    store.close()
