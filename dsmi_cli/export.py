@@ -52,10 +52,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     manifest = export_model(net, args.out, opset=args.opset, exporter=args.exporter,
                             calibration=calibration)
-    total = sum(manifest["files"].values())
-    print(f"exported {manifest['variant']} (model id {manifest['model_id']}) to {args.out} "
-          f"with {manifest['exporter']}, opset {manifest['opset']}")
-    for file, size in manifest["files"].items():
+    total = sum(manifest.files.values())
+    print(f"exported {manifest.variant} (model id {manifest.model_id}) to {args.out} "
+          f"with {manifest.exporter}, opset {manifest.opset}")
+    for file, size in manifest.files.items():
         print(f"  {file:<16} {size / 1e6:9.2f} MB")
     print(f"  {'total':<16} {total / 1e6:9.2f} MB")
     print("match probability: " + (f"a={calibration.a:.3f} b={calibration.b:.3f} "

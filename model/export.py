@@ -12,7 +12,8 @@ Graphs (all float32, NCHW):
 
 Weights live in one external-data file, ``weights.bin``, shared by the graphs: a tensor that
 two graphs hold (the FC of the probe and gallery sides) is stored once. ``manifest.json``
-describes the folder; ``service/engine.py`` reads it. See :func:`export_model`.
+(:class:`model.formats.ExportManifest`, written here and read by ``service/engine.py``)
+describes the folder. See :func:`export_model`.
 
 This module is on the training side (PyTorch, onnx); the service only reads its output.
 """
@@ -37,7 +38,14 @@ from onnx.external_data_helper import set_external_data
 from torch import nn
 
 from .calibration import Calibration
-from .formats import MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, WEIGHTS_FILE
+from .formats import (
+    INPUT_LAYOUT,
+    MANIFEST_FORMAT,
+    MANIFEST_VERSION,
+    WEIGHTS_FILE,
+    ExportManifest,
+    GraphFile,
+)
 from .network import MatchingNetwork
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
@@ -219,15 +227,16 @@ def _externalise(models: dict[str, onnx.ModelProto], weights_path: Path) -> int:
     return offset
 
 
-def _shapes(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
-    return [list(t.shape[1:]) for t in tensors]
+def _shapes(tensors: Sequence[torch.Tensor]) -> list[tuple[int, ...]]:
+    return [tuple(t.shape[1:]) for t in tensors]
 
 
 def export_model(net: MatchingNetwork, out_dir: str | Path, opset: int = 17,
                  exporter: str = "legacy", check: bool = True, pair_graph: bool = False,
-                 overwrite: bool = True, calibration: Calibration | None = None) -> dict:
-    """Export ``net`` (eval mode) into ``out_dir`` and return the manifest (also written as
-    ``manifest.json``).
+                 overwrite: bool = True, calibration: Calibration | None = None
+                 ) -> ExportManifest:
+    """Export ``net`` (eval mode) into ``out_dir`` and return its manifest (also written as
+    ``manifest.json``, :meth:`ExportManifest.write`).
 
     ``exporter``: ``"legacy"`` (TorchScript tracing, ``torch.onnx.export(dynamo=False)``; the
     default: exact on every variant, dynamic batch and N, and fast) or ``"dynamo"``
@@ -256,7 +265,7 @@ def export_model(net: MatchingNetwork, out_dir: str | Path, opset: int = 17,
 
 
 def _export_into(net: MatchingNetwork, out_dir: Path, opset: int, exporter: str, check: bool,
-                 pair_graph: bool, calibration: Calibration | None = None) -> dict:
+                 pair_graph: bool, calibration: Calibration | None = None) -> ExportManifest:
     h, w = net.input_size
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(2, 3, h, w, generator=generator)
@@ -273,7 +282,7 @@ def _export_into(net: MatchingNetwork, out_dir: Path, opset: int, exporter: str,
     staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from a service's own user
     try:
         models: dict[str, onnx.ModelProto] = {}
-        graphs: dict[str, dict] = {}
+        graphs: dict[str, GraphFile] = {}
 
         def add(key: str, module: nn.Module, args: tuple, inputs: dict[str, int | None],
                 outputs: list[str]) -> None:
@@ -281,7 +290,7 @@ def _export_into(net: MatchingNetwork, out_dir: Path, opset: int, exporter: str,
             with torch.no_grad():
                 models[file] = _export_graph(module, args, staging / file, list(inputs),
                                              outputs, inputs, opset, exporter)
-            graphs[key] = {"file": file, "inputs": list(inputs), "outputs": outputs}
+            graphs[key] = GraphFile(file, tuple(inputs), tuple(outputs))
 
         streams = ["a"] if net.shares_trunk else ["a", "b"]
         for stream in streams:
@@ -296,7 +305,7 @@ def _export_into(net: MatchingNetwork, out_dir: Path, opset: int, exporter: str,
             add("pair", _Pair(net), (images, images.flip(0)),
                 {"images_a": 0, "images_b": 0}, ["scores"])
         if net.shares_trunk:
-            graphs["trunk_b"] = dict(graphs["trunk_a"])  # one file serves both streams
+            graphs["trunk_b"] = graphs["trunk_a"]  # one file serves both streams
 
         weights_size = _externalise(models, staging / WEIGHTS_FILE)
         files = {WEIGHTS_FILE: weights_size}
@@ -309,11 +318,8 @@ def _export_into(net: MatchingNetwork, out_dir: Path, opset: int, exporter: str,
             opsets.update(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
         manifest = _manifest(net, fields, maps, probe, gallery, graphs, files, exporter,
-                             calibration,
-                             sorted(opsets))
-        text = json.dumps(manifest, indent=2) + "\n"
-        manifest = json.loads(text)  # what readers see: tuples become lists
-        (staging / MANIFEST_FILE).write_text(text)
+                             calibration, sorted(opsets))
+        manifest.write(staging)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
@@ -333,39 +339,41 @@ def _versions() -> dict[str, str]:
     return versions
 
 
+def _as_json(value: dict) -> dict:
+    """``value`` as a reader of the manifest sees it (tuples become lists): the manifest an
+    export returns equals the one read back from its folder."""
+    return json.loads(json.dumps(value))
+
+
 def _manifest(net: MatchingNetwork, fields: list[str], maps: torch.Tensor, probe, gallery,
-              graphs: dict, files: dict[str, int], exporter: str,
-              calibration: Calibration | None, opsets: list[int]) -> dict:
+              graphs: dict[str, GraphFile], files: dict[str, int], exporter: str,
+              calibration: Calibration | None, opsets: list[int]) -> ExportManifest:
     spec = getattr(net, "spec", None)
-    return {
-        "format": MANIFEST_FORMAT,
-        "format_version": MANIFEST_VERSION,
-        "model_id": model_id(net),
-        "variant": net.variant,
-        "build_args": {k: v for k, v in net.build_args.items()
-                       if k not in ("weights", "weights_b")},
-        "spec": {k: v for k, v in dataclasses.asdict(spec).items()
-                 if k not in ("weights", "weights_b")} if spec is not None else None,
-        "input_size": list(net.input_size),
-        "mean": list(getattr(net, "mean", IMAGENET_MEAN)),
-        "std": list(getattr(net, "std", IMAGENET_STD)),
-        "input_layout": "NCHW, RGB, (pixel / 255 - mean) / std",
-        "shares_trunk": net.shares_trunk,
-        "mirror_average": bool(net.mirror_average),
-        "map_shape": list(maps.shape[1:]),
-        "fields": fields,
-        "probe_fields": dict(zip(fields, _shapes(probe), strict=True)),
-        "gallery_fields": dict(zip(fields, _shapes(gallery), strict=True)),
-        "dtypes": {"images": "float32", "maps": "float32", "fields": "float32",
-                   "scores": "float32"},
-        "opset": opsets[0] if len(opsets) == 1 else opsets,
-        "exporter": f"torch.onnx.export(dynamo={exporter == 'dynamo'})",
-        "graphs": graphs,
-        "weights_file": WEIGHTS_FILE,
-        "files": files,
-        "versions": _versions(),
-        "calibration": calibration.to_dict() if calibration is not None else None,
-    }
+    return ExportManifest(
+        model_id=model_id(net),
+        variant=net.variant,
+        build_args=_as_json({k: v for k, v in net.build_args.items()
+                             if k not in ("weights", "weights_b")}),
+        spec=_as_json({k: v for k, v in dataclasses.asdict(spec).items()
+                       if k not in ("weights", "weights_b")}) if spec is not None else None,
+        input_size=tuple(net.input_size),
+        mean=tuple(getattr(net, "mean", IMAGENET_MEAN)),
+        std=tuple(getattr(net, "std", IMAGENET_STD)),
+        input_layout=INPUT_LAYOUT,
+        shares_trunk=net.shares_trunk,
+        mirror_average=bool(net.mirror_average),
+        map_shape=tuple(maps.shape[1:]),
+        fields=tuple(fields),
+        probe_fields=dict(zip(fields, _shapes(probe), strict=True)),
+        gallery_fields=dict(zip(fields, _shapes(gallery), strict=True)),
+        opset=opsets[0] if len(opsets) == 1 else tuple(opsets),
+        exporter=f"torch.onnx.export(dynamo={exporter == 'dynamo'})",
+        graphs=graphs,
+        weights_file=WEIGHTS_FILE,
+        files=files,
+        versions=_versions(),
+        calibration=calibration,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,16 +385,16 @@ def verify_export(net: MatchingNetwork, out_dir: Path, n: int = 8, seed: int = 0
     return the largest absolute difference of the scores."""
     import onnxruntime as ort
 
-    manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
-    sessions = {key: ort.InferenceSession(str(out_dir / g["file"]),
+    manifest = ExportManifest.read(out_dir)
+    sessions = {key: ort.InferenceSession(str(out_dir / g.file),
                                           providers=["CPUExecutionProvider"])
-                for key, g in manifest["graphs"].items()}
+                for key, g in manifest.graphs.items()}
     images = torch.randn(n, 3, *net.input_size, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         expected = net.score(net.encode(images[:1], "a"), net.encode(images, "b")).numpy()
     maps_a = sessions["trunk_a"].run(None, {"images": images[:1].numpy()})[0]
     maps_b = sessions["trunk_b"].run(None, {"images": images.numpy()})[0]
-    fields = manifest["fields"]
+    fields = manifest.fields
     probe = sessions["probe"].run(None, {"maps": maps_a})
     gallery = sessions["gallery"].run(None, {"maps": maps_b})
     feed = {f"probe_{f}": t for f, t in zip(fields, probe, strict=True)}

@@ -11,7 +11,8 @@ import torch
 from dsmi_cli.main import main as dsmi
 from model import build_model, list_variants
 from model.checkpoint import save_checkpoint
-from model.export import MANIFEST_FORMAT, export_model, model_id
+from model.export import export_model, model_id
+from model.formats import ExportManifest
 from tests.conftest import ROOT
 
 SMALL = [v for v in list_variants() if v.endswith("-small")]
@@ -44,10 +45,10 @@ def exported(request, tmp_path_factory):
 
 
 def _run_graphs(out, manifest, images_a, images_b):
-    sessions = {k: _session(out / g["file"]) for k, g in manifest["graphs"].items()}
+    sessions = {k: _session(out / g.file) for k, g in manifest.graphs.items()}
     maps_a = sessions["trunk_a"].run(None, {"images": images_a})[0]
     maps_b = sessions["trunk_b"].run(None, {"images": images_b})[0]
-    fields = manifest["fields"]
+    fields = list(manifest.fields)
     feed = dict(zip((f"probe_{f}" for f in fields),
                     sessions["probe"].run(fields, {"maps": maps_a}), strict=True))
     feed.update(zip((f"gallery_{f}" for f in fields),
@@ -57,29 +58,31 @@ def _run_graphs(out, manifest, images_a, images_b):
 
 def test_graphs_pass_the_onnx_checker(exported):
     _, out, manifest = exported
-    for graph in manifest["graphs"].values():
-        onnx.checker.check_model(str(out / graph["file"]), full_check=True)
+    for graph in manifest.graphs.values():
+        onnx.checker.check_model(str(out / graph.file), full_check=True)
 
 
 def test_manifest_describes_the_model(exported):
     net, out, manifest = exported
-    assert json.loads((out / "manifest.json").read_text()) == manifest
-    assert manifest["format"] == MANIFEST_FORMAT
-    assert manifest["variant"] == net.variant
-    assert manifest["model_id"] == model_id(net)
-    assert tuple(manifest["input_size"]) == net.input_size
-    assert manifest["opset"] == 17
+    # What the exporter returns is what a reader of the folder gets, field for field.
+    assert ExportManifest.read(out) == manifest
+    assert json.loads((out / "manifest.json").read_text()) == manifest.to_dict()
+    assert manifest.variant == net.variant
+    assert manifest.model_id == model_id(net)
+    assert manifest.input_size == net.input_size
+    assert manifest.opset == 17
     with torch.no_grad():
         maps = net.encode(torch.zeros(1, 3, *net.input_size))
         feats = net.prepare_gallery(maps)
-    assert manifest["map_shape"] == list(maps.shape[1:])
-    assert manifest["fields"] == list(type(feats)._fields)
-    assert manifest["gallery_fields"] == {f: list(t.shape[1:]) for f, t in
-                                          zip(feats._fields, feats, strict=True)}
-    for file, size in manifest["files"].items():
+    assert manifest.map_shape == tuple(maps.shape[1:])
+    assert manifest.fields == type(feats)._fields
+    assert manifest.gallery_fields == {f: tuple(t.shape[1:]) for f, t in
+                                       zip(feats._fields, feats, strict=True)}
+    for file, size in manifest.files.items():
         assert (out / file).stat().st_size == size
-    separate = manifest["graphs"]["trunk_b"]["file"] != manifest["graphs"]["trunk_a"]["file"]
+    separate = manifest.graphs["trunk_b"].file != manifest.graphs["trunk_a"].file
     assert separate == (not net.shares_trunk)
+    assert manifest.shares_trunk == net.shares_trunk
 
 
 @pytest.mark.parametrize("n", [1, 2, 13])
@@ -123,7 +126,7 @@ def test_a_weight_shared_by_two_graphs_is_stored_once(tmp_path, name):
     if name == PAPER_TINY:  # unfused tail: the head runs the same FC weight
         assert probe & gallery & external("head.onnx")
     fc_bytes = net.fc.weight.numel() * 4
-    stored = manifest["files"]["weights.bin"]
+    stored = manifest.files["weights.bin"]
     params = sum(p.numel() * 4 for p in net.parameters())
     assert stored < params + fc_bytes  # FC weight once, not twice (plus the fused head)
 
@@ -181,7 +184,7 @@ def test_failed_export_keeps_the_previous_folder(tmp_path, monkeypatch):
     monkeypatch.setattr("model.export._externalise", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         export_model(net, out)
-    assert json.loads((out / "manifest.json").read_text()) == first
+    assert ExportManifest.read(out) == first
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no staging folder left behind
 
 
@@ -189,7 +192,7 @@ def test_dynamo_exporter_also_reproduces_pytorch(tmp_path):
     torch.manual_seed(0)
     net = build_model("dsmi-small").eval()
     manifest = export_model(net, tmp_path / "m", opset=18, exporter="dynamo")
-    assert manifest["exporter"] == "torch.onnx.export(dynamo=True)"
+    assert manifest.exporter == "torch.onnx.export(dynamo=True)"
     images = torch.randn(6, 3, *net.input_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = net.score(net.encode(images[:1]), net.encode(images[1:], "b")).numpy()
@@ -226,9 +229,10 @@ def test_bnneck_model_with_mirror_average_and_calibration_exports_exactly(tmp_pa
     net.mirror_average = True
     calibration = Calibration(a=7.5, b=-4.0, pairs=10, positives=2, fitted_on="test")
     manifest = export_model(net, tmp_path / "m", calibration=calibration)
-    assert manifest["mirror_average"] is True
+    assert manifest.mirror_average is True
     net.mirror_average = False  # other maps, so another id (and cache namespace)
-    assert manifest["model_id"] != model_id(net)
+    assert manifest.model_id != model_id(net)
     net.mirror_average = True
-    assert Calibration.from_dict(manifest["calibration"]) == calibration
+    assert manifest.calibration == calibration
+    assert ExportManifest.read(tmp_path / "m").calibration == calibration
     assert verify_export(net, tmp_path / "m") < 1e-4
