@@ -2,8 +2,8 @@
 streaming design, in one run.
 
 Galleries of ``--sizes`` items (default 10,000 and 100,000) are written into Redis on a key
-prefix of their own (deleted afterwards), in the service's cache format and with each item's
-conv5 map as the service stores it. Their tensors are real: ``--real`` CUHK03 ``train`` images
+prefix of their own (deleted afterwards), in the service's cache format (the gallery fields;
+the conv5 map is no longer stored). Their tensors are real: ``--real`` CUHK03 ``train`` images
 (``$DSMI_DATA``, default ``../shared/data``) through the model's gallery side, each gallery
 item one of them with a little noise added to its cached fields, so that no two items are
 equal. Probes: CUHK03 ``val`` images. Queries go through the real app in-process (FastAPI's
@@ -28,7 +28,7 @@ next query), Redis memory per item (INFO used_memory) and process memory per ite
 (no Redis: N items of real tensors do not fit its memory here), stage one on synthetic
 embeddings and stage two on real tensors (the pool of real items tiled), in
 ``--million-dtype`` (float16 by default, DSMI_CACHE_DTYPE): stage one, stage two and total
-p50/p95 of ``service.matching.rank_view``, the function the query route calls.
+p50/p95 of ``service.ranking.GalleryRanker.rank_view``, what the query route's ranker calls.
 
     .venv/bin/python -m bench.gallery_bench                       # 10k, 100k, 1M
     .venv/bin/python -m bench.gallery_bench --sizes 10000 --million 0 --queries 10
@@ -63,11 +63,17 @@ from bench.common import (  # noqa: E402
     write_results,
 )
 from service.app import create_app, store_namespace  # noqa: E402
-from service.engine import MAPS_FIELD, Engine  # noqa: E402
-from service.matching import CameraFilter, encode_probe, rank_view  # noqa: E402
+from service.engine import Engine  # noqa: E402
 from service.metrics import ServiceMetrics  # noqa: E402
+from service.ranking import CameraFilter, GalleryRanker  # noqa: E402
 from service.settings import DEFAULT_MODEL_DIR, Settings  # noqa: E402
-from service.store import GalleryItem, NewItem, RedisGalleryStore, new_image_id  # noqa: E402
+from service.store import (  # noqa: E402
+    GalleryItem,
+    MemoryGalleryStore,
+    NewItem,
+    RedisGalleryStore,
+    new_image_id,
+)
 from service.store.resident import ResidentGallery  # noqa: E402
 
 DATA = Path(os.environ.get("DSMI_DATA", ROOT.parent / "shared" / "data"))
@@ -132,7 +138,6 @@ def real_pool(engine: Engine, count: int) -> tuple[dict[str, np.ndarray], np.nda
 
 def fill_redis(engine: Engine, store: RedisGalleryStore, gallery: str, size: int, pool,
                maps: np.ndarray, labels) -> None:
-    map_bytes = [engine.codec.encode({MAPS_FIELD: m})[MAPS_FIELD] for m in maps]
     with tqdm(total=size, desc=f"write {size:,} items to Redis", unit="item") as bar:
         for start in range(0, size, WRITE_CHUNK):
             rows = np.arange(start, min(size, start + WRITE_CHUNK))
@@ -141,7 +146,6 @@ def fill_redis(engine: Engine, store: RedisGalleryStore, gallery: str, size: int
             batch = []
             for j, k in enumerate(rows):
                 blobs = engine.codec.encode({f: a[j] for f, a in tensors.items()})
-                blobs[MAPS_FIELD] = map_bytes[k % len(map_bytes)]
                 person, camera = labels[k % len(labels)]
                 batch.append(NewItem(GalleryItem(new_image_id(), person, camera,
                                                  filename=f"{k}.jpg"), blobs))
@@ -258,13 +262,13 @@ def bench_million(engine: Engine, args, pool, probes) -> dict:
         resident.append(items, batch)
     build_s = time.perf_counter() - t0
     view = resident.view()
-    metrics = ServiceMetrics()
+    ranker = GalleryRanker(engine, MemoryGalleryStore(), ServiceMetrics())
     rerank = args.rerank if args.rerank is not None else Settings().rerank
     stage1, total = [], []
     for k in range(2 + args.million_queries):
-        probe = encode_probe(engine, engine.preprocess(probes[k % len(probes)]))
+        probe = ranker.encode_probe(engine.preprocess(probes[k % len(probes)]))
         t0 = time.perf_counter()
-        out = rank_view(engine, view, probe, args.top_k, CameraFilter(), rerank, metrics)
+        out = ranker.rank_view(view, probe, args.top_k, CameraFilter(), rerank)
         elapsed = time.perf_counter() - t0
         if k >= 2:
             total.append(1e3 * elapsed)

@@ -2,9 +2,10 @@
 
 One worker's :class:`service.store.resident.ResidentCache` holds 1 gallery, then ``--galleries``
 (default 5,000) small ones; the queried gallery is warm (resident, unchanged). Each query is
-:func:`service.matching.rank_gallery`, the function the query route calls: the cache check and
-bookkeeping, then the two stages. Compared with the design before (the eviction check summed
-every resident gallery's size under the cache's lock on each query), in the same run.
+:meth:`service.ranking.GalleryRanker.rank_encoded`, what the query route's ranker calls: the
+cache check and bookkeeping, then the two stages. Compared with the design before (the eviction
+check summed every resident gallery's size under the cache's lock on each query), in the same
+run.
 
     .venv/bin/python -m bench.resident_bench          # bench/results/resident.json
 """
@@ -21,8 +22,8 @@ import numpy as np
 
 from bench.common import machine_info, write_results
 from service.engine import Engine
-from service.matching import CameraFilter, rank_gallery
 from service.metrics import ServiceMetrics
+from service.ranking import CameraFilter, GalleryRanker
 from service.settings import DEFAULT_MODEL_DIR
 from service.store import GalleryItem, MemoryGalleryStore, NewItem, new_image_id
 from service.store.resident import ResidentCache
@@ -55,15 +56,13 @@ def fill(store, engine: Engine, name: str, n: int, rng) -> None:
 
 
 def warm_p50(engine, store, cache, probe, queries: int) -> float:
-    metrics = ServiceMetrics()
+    ranker = GalleryRanker(engine, store, ServiceMetrics(), cache=cache)
     for _ in range(3):
-        rank_gallery(engine, store, "queried", probe, 10, CameraFilter.of(None), metrics,
-                     cache=cache, rerank=100)
+        ranker.rank_encoded("queried", probe, 10, CameraFilter.of(None), rerank=100)
     times = []
     for _ in range(queries):
         t0 = time.perf_counter()
-        rank_gallery(engine, store, "queried", probe, 10, CameraFilter.of(None), metrics,
-                     cache=cache, rerank=100)
+        ranker.rank_encoded("queried", probe, 10, CameraFilter.of(None), rerank=100)
         times.append(1e3 * (time.perf_counter() - t0))
     return statistics.median(times)
 

@@ -30,6 +30,7 @@ from .middleware import (
     BodyDeadlineMiddleware,
     BodyLimitMiddleware,
 )
+from .ranking import GalleryRanker
 from .routers import console, docs, galleries, health, query
 from .routers.common import errors
 from .settings import Settings
@@ -113,6 +114,8 @@ def _attach(app: FastAPI, engine: Engine, store: GalleryStore | None) -> None:
         log.warning("could not finish interrupted deletions: %s", exc)
     state.store = store
     state.engine = engine
+    state.ranker = GalleryRanker(engine, store, state.metrics, cache=state.cache,
+                                 settings=state.settings, budget=state.decode_budget)
     state.model_status = "ok"
     log.info("model %s (%s) on %s, gallery store: %s", engine.model_id, engine.variant,
              ", ".join(engine.providers), store.kind)

@@ -17,9 +17,10 @@ from .store.resident import ResidentCache
 if TYPE_CHECKING:
     from .engine import Engine
     from .matching import DecodeBudget
+    from .ranking import GalleryRanker
 
 __all__ = ["get_settings", "get_decode_budget", "get_metrics", "get_engine", "get_store",
-           "get_cache",
+           "get_cache", "get_ranker",
            "require_api_key", "authorize", "current_key"]
 
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
@@ -59,6 +60,13 @@ def get_store(request: Request) -> GalleryStore:
 def get_cache(request: Request) -> ResidentCache | None:
     """The resident galleries of this process (``None``: DSMI_CACHE_MAX_BYTES=0)."""
     return getattr(request.app.state, "cache", None)
+
+
+def get_ranker(request: Request) -> GalleryRanker:
+    """The app's :class:`~service.ranking.GalleryRanker`; 503 ``model_unavailable`` (as
+    :func:`get_engine`) until the model is loaded."""
+    get_engine(request)  # the ranker comes with the engine
+    return request.app.state.ranker
 
 
 def authorize(ring: KeyRing, method: str, path: str, api_key: str | None,

@@ -2,7 +2,8 @@
 
 ``{"error": {"code": "...", "message": "...", "details": ...}}``. Client mistakes get a 4xx
 with a message saying what to fix; an unreachable store a 503; nothing a client sends may
-cause a 500.
+cause a 500. The request errors of :mod:`service.domain`, raised without HTTP by the ranker,
+the upload path and the store, get their status here alone (:func:`domain_status`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .domain import (
+    DomainError,
+    GalleryConflict,
+    GalleryNotFound,
+    ImageConflict,
+    ImageNotFound,
+    ImageRefused,
+    RequestInvalid,
+    WriteNotReplicated,
+)
 from .store import InvalidItem, StoreUnavailable
 
-__all__ = ["ServiceError", "error_response", "install_error_handlers"]
+__all__ = ["ServiceError", "error_response", "domain_status", "install_error_handlers"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +48,32 @@ def error_response(status: int, code: str, message: str, details: Any = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     body = {"error": {"code": code, "message": message, "details": details}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+# The HTTP status of each domain error; ImageRefused's depends on its reason. A subclass takes
+# its nearest listed ancestor's; a DomainError listed nowhere is a plain 400.
+_DOMAIN_STATUS: dict[type[DomainError], int] = {
+    GalleryNotFound: 404, ImageNotFound: 404,
+    ImageConflict: 409, GalleryConflict: 409,
+    RequestInvalid: 422,
+    WriteNotReplicated: 503,
+}
+_REFUSED_STATUS = {"invalid": 400, "unsupported_format": 415, "too_large": 413,
+                   "unencodable": 422}
+# Retry-After on the errors that a plain retry may mend.
+_DOMAIN_HEADERS: dict[type[DomainError], dict[str, str]] = {
+    WriteNotReplicated: {"Retry-After": "1"},
+}
+
+
+def domain_status(exc: DomainError) -> tuple[int, dict[str, str] | None]:
+    """The HTTP status and headers that answer ``exc``."""
+    if isinstance(exc, ImageRefused):
+        return _REFUSED_STATUS[exc.reason], None
+    for cls in type(exc).__mro__:
+        if cls in _DOMAIN_STATUS:
+            return _DOMAIN_STATUS[cls], _DOMAIN_HEADERS.get(cls)
+    return 400, None
 
 
 def _code_for(status: int) -> str:
@@ -82,6 +119,11 @@ async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
     return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
 
 
+async def _domain_error(request: Request, exc: DomainError) -> JSONResponse:
+    status, headers = domain_status(exc)
+    return error_response(status, exc.code, exc.message, exc.details, headers)
+
+
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     details = _validation_details(exc)
     return error_response(422, "validation_error", _describe_validation(details), details)
@@ -116,6 +158,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(DomainError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(StoreUnavailable, _store_unavailable)

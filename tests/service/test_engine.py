@@ -148,6 +148,7 @@ def _broken_copy(small, tmp_path, name):
     ("bad json", "not valid JSON"),
     ("other format", "format"),
     ("no model id", "model_id"),
+    ("ill-typed shape", "'map_shape' must be a list of positive integers"),
     ("missing graph", "missing"),
     ("truncated weights", "truncated"),
     ("garbage graph", "cannot load"),
@@ -167,6 +168,8 @@ def test_bad_model_folders_give_a_clear_error(small, tmp_path, breakage, message
     elif breakage == "no model id":
         del manifest["model_id"]
         manifest_path.write_text(json.dumps(manifest))
+    elif breakage == "ill-typed shape":
+        manifest_path.write_text(json.dumps({**manifest, "map_shape": "512x8x4"}))
     elif breakage == "missing graph":
         (folder / "head.onnx").unlink()
     elif breakage == "truncated weights":
@@ -351,15 +354,17 @@ def test_scoring_rejects_malformed_input(engine):
 def test_bytes_round_trip_and_validation(engine):
     maps = engine.encode(_images(3, seed=4), "b")
     gallery = engine.prepare_gallery(maps)
-    items = [{**{f: v[k] for f, v in gallery.items()}, "maps": maps[k]} for k in range(3)]
+    items = [{f: v[k] for f, v in gallery.items()} for k in range(3)]
     blobs = [engine.codec.encode(item) for item in items]
     assert len(blobs[0]["embedding"]) == 128 * 4
     batch = engine.codec.decode(blobs)
+    assert set(batch) == set(engine.gallery_fields)
     for f in ("joint", "embedding"):
         np.testing.assert_array_equal(batch[f], gallery[f])
-    np.testing.assert_array_equal(batch["maps"], maps)
-    only = engine.codec.decode([{f: b[f] for f in engine.gallery_fields} for b in blobs])
-    assert set(only) == set(engine.gallery_fields)
+    # The cache holds the gallery fields only: the conv5 map they come from is not storable.
+    assert set(engine.codec.spec) == set(engine.gallery_fields)
+    with pytest.raises(ValueError, match="unknown field 'maps'"):
+        engine.codec.encode({**items[0], "maps": maps[0]})
     assert engine.codec.decode([])["joint"].shape == (0, 64, 8, 4)
 
     with pytest.raises(ValueError, match="bytes, expected"):
@@ -375,7 +380,7 @@ def test_bytes_round_trip_and_validation(engine):
     with pytest.raises(ValueError, match="unknown field"):
         engine.codec.encode({"other": maps[0]})
     with pytest.raises(ValueError, match="shape"):
-        engine.codec.encode({"maps": maps[:1]})  # a batch, not one item
+        engine.codec.encode({"joint": gallery["joint"][:1]})  # a batch, not one item
 
 
 def test_float16_cache_changes_scores_little(small):

@@ -10,10 +10,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from model.retrieval import two_stage_order
-from service import matching
 from service.app import create_app, store_namespace
-from service.matching import CameraFilter, rank_view
 from service.metrics import ServiceMetrics
+from service.ranking import CameraFilter, GalleryRanker
 from service.settings import Settings
 from service.store import (
     GalleryItem,
@@ -183,9 +182,10 @@ def test_head_scores_follow_the_rows_given_consecutive_or_not():
     expected = engine.score(probe, {f: a[:40] for f, a in view.arrays.items()})
     # Consecutive (sliced), a shuffled run of consecutive rows (first and last 9 apart, but
     # not in order: gathered) and scattered rows (gathered).
+    ranker = GalleryRanker(engine, store, ServiceMetrics())
     for rows in (np.arange(3, 33), np.array([3, 5, 4, 6, 7, 8, 9, 10, 11, 12]),
                  np.array([39, 0, 17, 2])):
-        got = matching._head_scores(engine, view, probe, rows, ServiceMetrics())
+        got = ranker._head_scores(view, probe, rows)
         np.testing.assert_allclose(got, expected[rows], atol=1e-6)
 
 
@@ -206,9 +206,9 @@ def test_rank_view_two_stage_and_exhaustive_agree_with_the_reference_order():
     pair = engine.score(probe, prepared)
     emb = prepared["embedding"] / np.linalg.norm(prepared["embedding"], axis=1, keepdims=True)
     first = emb @ (probe["embedding"][0] / np.linalg.norm(probe["embedding"][0]))
-    metrics = ServiceMetrics()
+    ranker = GalleryRanker(engine, store, ServiceMetrics())
     for rerank in (0, 5, 20, n):
-        out = rank_view(engine, view, probe, 10, CameraFilter(), rerank, metrics)
+        out = ranker.rank_view(view, probe, 10, CameraFilter(), rerank)
         # The service re-scores at least top_k items: a shorter shortlist would return
         # stage-one scores in the answer.
         order = two_stage_order(first, pair, max(rerank, 10) if rerank else n)[:10]
@@ -218,7 +218,7 @@ def test_rank_view_two_stage_and_exhaustive_agree_with_the_reference_order():
         assert out.rescored == (max(rerank, 10) if 0 < rerank < n else n)
     # Camera filters: only the kept cameras are ranked, in both modes.
     for rerank in (0, 5):
-        out = rank_view(engine, view, probe, 10, CameraFilter.of(["1"], ["2"]), rerank, metrics)
+        out = ranker.rank_view(view, probe, 10, CameraFilter.of(["1"], ["2"]), rerank)
         assert out.scored == 20 and {item.camera_id for item, _ in out.ranked} == {"1"}
 
 
@@ -350,12 +350,12 @@ def test_placed_galleries_are_placed_once_and_rank_like_the_host_path():
     assert len(placed_rows) == 3  # nothing changed, nothing placed
     probe = engine.prepare_probe(np.maximum(rng.normal(size=(1, *engine.map_shape)), 0)
                                  .astype(np.float32))
-    metrics = ServiceMetrics()
+    ranker = GalleryRanker(engine, store, ServiceMetrics())
     host = dict(view.__dict__, placed=None)
     host_view = type(view)(**host)
     for cameras in (CameraFilter(), CameraFilter.of(["1"])):
-        on_device = rank_view(engine, view, probe, 20, cameras, 0, metrics)
-        on_host = rank_view(engine, host_view, probe, 20, cameras, 0, metrics)
+        on_device = ranker.rank_view(view, probe, 20, cameras, 0)
+        on_host = ranker.rank_view(host_view, probe, 20, cameras, 0)
         assert [i.image_id for i, _ in on_device.ranked] == [i.image_id for i, _ in
                                                              on_host.ranked]
         np.testing.assert_allclose([s for _, s in on_device.ranked],
