@@ -84,8 +84,15 @@ def build_store(settings: Settings, namespace: str) -> GalleryStore:
         return RedisGalleryStore(settings.redis_url, namespace=namespace,
                                  prefix=settings.redis_prefix,
                                  socket_timeout=settings.redis_socket_timeout,
-                                 connect_timeout=settings.redis_connect_timeout)
-    return MemoryGalleryStore(namespace=namespace)
+                                 connect_timeout=settings.redis_connect_timeout,
+                                 cluster=settings.redis_cluster,
+                                 min_replicas=settings.redis_min_replicas,
+                                 wait_timeout_ms=settings.redis_wait_timeout_ms,
+                                 default_shards=settings.resolved_gallery_shards,
+                                 default_retention_days=settings.retention_days)
+    return MemoryGalleryStore(namespace=namespace,
+                              default_shards=settings.resolved_gallery_shards,
+                              default_retention_days=settings.retention_days)
 
 
 def _attach(app: FastAPI, engine: Engine, store: GalleryStore | None) -> None:
@@ -106,8 +113,8 @@ def _attach(app: FastAPI, engine: Engine, store: GalleryStore | None) -> None:
         state.warnings.append(MEMORY_STORE_WARNING)
     state.metrics.set_model(engine.model_id, engine.variant, list(engine.providers))
     max_bytes = state.settings.cache_max_bytes
-    state.cache = ResidentCache(engine.codec, max_bytes,
-                                EMBEDDING_FIELD) if max_bytes else None
+    state.cache = ResidentCache(engine.codec, max_bytes, EMBEDDING_FIELD,
+                                clock=store.clock) if max_bytes else None
     try:
         store.finish_deletions()  # a deletion cut short by a stop leaves no garbage behind
     except StoreUnavailable as exc:  # the next start (or the next one's) finishes it
@@ -135,6 +142,30 @@ def _load_in_background(app: FastAPI) -> None:
         app.state.model_loaded.set()
 
 
+def sweep_expired_once(app: FastAPI) -> int:
+    """Purge the store's expired images now (counted in ``dsmi_images_expired``) -> how
+    many. Expired images already left every answer; this frees their memory."""
+    store = app.state.store
+    if store is None:
+        return 0
+    purged = store.purge_expired()
+    if purged:
+        app.state.metrics.images_expired.inc(purged)
+        log.info("purged %d image(s) past their gallery's retention", purged)
+    return purged
+
+
+def _sweep_expired(app: FastAPI, stop: threading.Event) -> None:
+    every = app.state.settings.retention_sweep_seconds
+    while not stop.wait(every):
+        try:
+            sweep_expired_once(app)
+        except StoreUnavailable as exc:  # the next sweep tries again
+            log.warning("could not purge expired images: %s", exc)
+        except Exception:  # the sweep must outlive any one failure
+            log.exception("retention sweep failed")
+
+
 def create_app(settings: Settings | None = None, engine: Engine | None = None,
                store: GalleryStore | None = None) -> FastAPI:
     """The matching service app.
@@ -151,7 +182,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
         if app.state.engine is None and not app.state.model_loaded.is_set():
             threading.Thread(target=_load_in_background, args=(app,), name="dsmi-model-load",
                              daemon=True).start()
+        stop = threading.Event()
+        threading.Thread(target=_sweep_expired, args=(app, stop), name="dsmi-retention",
+                         daemon=True).start()
         yield
+        stop.set()
         if app.state.owns_store and app.state.store is not None:
             app.state.store.close()
         metrics.process_exited()
@@ -188,14 +223,15 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
                            responses=errors(401, 403))
 
     # Added innermost first. The API key is checked before the body is read, the body size
-    # while it is read; the metrics see every answer, labelled by route template.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
-    app.add_middleware(BodyDeadlineMiddleware, grace_s=settings.body_grace_seconds,
-                       min_rate=settings.body_min_rate)
+    # and pace while it is read (admission receives it through them), the load once it has
+    # arrived; the metrics see every answer, labelled by route template.
     app.add_middleware(AdmissionMiddleware,
                        limits={"query": settings.max_inflight_queries,
                                "upload": settings.max_inflight_uploads},
                        on_refuse=lambda kind: metrics.refused.labels(kind).inc())
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(BodyDeadlineMiddleware, grace_s=settings.body_grace_seconds,
+                       min_rate=settings.body_min_rate)
     app.add_middleware(ApiKeyMiddleware, ring=state.key_ring)
     routes = [r for r in app.routes if hasattr(r, "path")]
     routes += [*health.router.routes, *galleries.router.routes, *query.router.routes]

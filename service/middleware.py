@@ -1,8 +1,10 @@
-"""Checks made before a request body is read: the API key, the body size, the load."""
+"""Checks made around a request body: the API key (before it is read), its size and pace
+(while it is read), the load (once it has arrived)."""
 
 from __future__ import annotations
 
 import asyncio
+import tempfile
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -141,13 +143,24 @@ def client_of(scope: Scope) -> str:
     return f"addr:{client[0]}" if client else "addr:unknown"
 
 
+_SPOOL_IN_MEMORY = 1024 * 1024  # body bytes kept in memory per request; the rest on disk
+_REPLAY_CHUNK = 64 * 1024
+
+
 class AdmissionMiddleware:
     """Bounds the queries and the uploads in flight, each kind on its own and per client (API
     key, or address without keys), so that one client's requests cannot take every slot:
     past a client's bound, or the worker's (``total_factor`` times it), a request is answered
-    503 ``overloaded`` with ``Retry-After`` at once, before its body is read, instead of
-    waiting in a queue that only grows. Runs on the event loop, so the counts need no lock.
-    ``on_refuse(kind)`` is called for each refused request."""
+    503 ``overloaded`` with ``Retry-After`` instead of waiting in a queue that only grows.
+
+    A request takes its slot only once its whole body has arrived: the body is first
+    received (under the body size limit and deadline of the middlewares outside this one)
+    into a spooled file (1 MiB in memory, the rest on disk, as the form parser would) and
+    then replayed to the route. A client dribbling its body therefore never holds a slot,
+    whoever else shares its address. Where the client's or the worker's bound is already
+    reached when a request arrives, it is refused at once, before its body is read. Runs on
+    the event loop, so the counts need no lock. ``on_refuse(kind)`` is called for each
+    refused request."""
 
     def __init__(self, app: ASGIApp, limits: dict[str, int], retry_after: int = 1,
                  on_refuse=None, total_factor: int = 4) -> None:
@@ -159,6 +172,25 @@ class AdmissionMiddleware:
         self.retry_after = retry_after
         self.on_refuse = on_refuse
 
+    def _full(self, kind: str, slot: tuple[str, str]) -> tuple[str, int] | None:
+        """(whose bound, the bound) when ``slot``'s client or the worker is at its bound."""
+        if self.by_client.get(slot, 0) >= self.limits[kind]:
+            return "this client's", self.limits[kind]
+        if self.in_flight[kind] >= self.total_limits[kind]:
+            return "the service's", self.total_limits[kind]
+        return None
+
+    async def _refuse(self, kind: str, full: tuple[str, int], scope: Scope, receive: Receive,
+                      send: Send) -> None:
+        if self.on_refuse is not None:
+            self.on_refuse(kind)
+        whose, limit = full
+        response = error_response(
+            503, "overloaded", f"{whose} limit of {limit} {kind} requests in flight is "
+            f"reached; retry after {self.retry_after} s", {"kind": kind, "limit": limit},
+            {"Retry-After": str(self.retry_after)})
+        await response(scope, receive, send)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = work_kind(scope.get("method", ""), scope.get("path", "")) \
             if scope["type"] == "http" else None
@@ -166,26 +198,73 @@ class AdmissionMiddleware:
             await self.app(scope, receive, send)
             return
         slot = (kind, client_of(scope))
-        mine = self.by_client.get(slot, 0)
-        if mine >= self.limits[kind] or self.in_flight[kind] >= self.total_limits[kind]:
-            if self.on_refuse is not None:
-                self.on_refuse(kind)
-            whose = "this client's" if mine >= self.limits[kind] else "the service's"
-            limit = self.limits[kind] if mine >= self.limits[kind] else self.total_limits[kind]
-            response = error_response(
-                503, "overloaded", f"{whose} limit of {limit} {kind} requests in flight is "
-                f"reached; retry after {self.retry_after} s", {"kind": kind, "limit": limit},
-                {"Retry-After": str(self.retry_after)})
-            await response(scope, receive, send)
+        full = self._full(kind, slot)
+        if full is not None:
+            await self._refuse(kind, full, scope, receive, send)
             return
-        self.in_flight[kind] += 1
-        self.by_client[slot] = mine + 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.in_flight[kind] -= 1
-            left = self.by_client[slot] - 1
-            if left:
-                self.by_client[slot] = left
-            else:
-                del self.by_client[slot]  # no entry kept per client that has gone
+        with tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY) as body:
+            try:
+                complete = await _receive_body(receive, body)
+            except HTTPException as exc:  # too large or too slow: said by the middlewares
+                response = error_response(exc.status_code, _BODY_ERRORS.get(
+                    exc.status_code, "bad_request"), str(exc.detail),
+                    headers=getattr(exc, "headers", None))
+                await response(scope, receive, send)
+                return
+            if not complete:
+                return  # the client left before sending its body: nobody to answer
+            full = self._full(kind, slot)  # others may have taken the slots meanwhile
+            if full is not None:
+                await self._refuse(kind, full, scope, receive, send)
+                return
+            self.in_flight[kind] += 1
+            self.by_client[slot] = self.by_client.get(slot, 0) + 1
+            try:
+                await self.app(scope, _replay(body, receive), send)
+            finally:
+                self.in_flight[kind] -= 1
+                left = self.by_client[slot] - 1
+                if left:
+                    self.by_client[slot] = left
+                else:
+                    del self.by_client[slot]  # no entry kept per client that has gone
+
+
+_BODY_ERRORS = {413: "payload_too_large", 408: "request_timeout"}
+
+
+async def _receive_body(receive: Receive, body) -> bool:
+    """Receive a request's whole body into ``body`` -> whether it came whole (else the
+    client disconnected)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return False
+        body.write(message.get("body", b""))
+        if not message.get("more_body", False):
+            body.seek(0)
+            return True
+
+
+def _replay(body, receive: Receive) -> Receive:
+    """A ``receive`` that gives the spooled body back in chunks, then the real channel
+    (for a disconnect)."""
+    done = False
+
+    async def replay() -> Message:
+        nonlocal done
+        if done:
+            return await receive()
+        chunk = body.read(_REPLAY_CHUNK)
+        more = body.tell() < _size(body)
+        done = not more
+        return {"type": "http.request", "body": chunk, "more_body": more}
+
+    return replay
+
+
+def _size(body) -> int:
+    here = body.tell()
+    end = body.seek(0, 2)
+    body.seek(here)
+    return end

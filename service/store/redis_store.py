@@ -356,6 +356,14 @@ class RedisGalleryStore:
             found = self._read_config(gallery)
         return None if found is None else found[0]
 
+    def _item_key(self, gallery: str, image_id: str) -> bytes | None:
+        """Where an item's hash is (``None``: no such gallery); for repair tools and tests."""
+        layout = self._layout(gallery)
+        if layout is None:
+            return None
+        config, shards = layout
+        return shards[shard_of(image_id, config.shards)].item(image_id)
+
     def _layout(self, gallery: str) -> tuple[GalleryConfig, list[_Shard]] | None:
         found = self._read_config(gallery)
         if found is None:

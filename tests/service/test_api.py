@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.settings import Settings
+from service.store.base import shard_of
 from tests.conftest import ROOT
 from tests.service_support import image_bytes, make_client, png_header_bomb
 
@@ -130,7 +131,7 @@ def test_missing_fields_and_bad_names_are_422(memory_client):
         memory_client.post("/v1/galleries/g/images", json={"person_id": "1"}),
         upload(memory_client, "bad name", [image_bytes(1)]),
         upload(memory_client, "-dash-first", [image_bytes(1)]),
-        memory_client.get("/v1/galleries/g/images/not-an-id"),
+        memory_client.get("/v1/galleries/g/images/.not-an-id"),  # ids start alphanumeric
         memory_client.get("/v1/galleries/g/images", params={"limit": 0}),
         memory_client.get("/v1/galleries/g/images", params={"offset": -1}),
         memory_client.get("/v1/galleries/g/images", params={"offset": 10**20}),
@@ -221,7 +222,9 @@ def test_a_corrupt_cache_entry_is_skipped_not_fatal(client, engine):
     if store.kind == "redis":  # bytes damaged in Redis itself
         store.client.hset(store._item_key("g", victim), f"b:{field}", b"\x00" * 7)
     else:
-        store._galleries["g"][victim][1][field] = b"\x00" * 7
+        gallery = store._galleries["g"]
+        shard = gallery.shards[shard_of(victim, gallery.config.shards)]
+        shard.entries[victim][1][field] = b"\x00" * 7
     r = query(client, "g", image_bytes(100 + 5), top_k=100)
     assert r.status_code == 200, r.text
     body = r.json()
@@ -553,7 +556,7 @@ def test_openapi_documents_every_route(memory_client):
     paths = schema["paths"]
     assert set(paths["/v1/galleries/{gallery}/images"]) == {"get", "post"}
     assert set(paths["/v1/galleries/{gallery}/images/{image_id}"]) == {"get", "delete"}
-    assert set(paths["/v1/galleries/{gallery}"]) == {"delete"}
+    assert set(paths["/v1/galleries/{gallery}"]) == {"get", "put", "delete"}
     assert set(paths["/v1/galleries/{gallery}/query"]) == {"post"}
     assert {"/healthz", "/readyz", "/metrics"} <= set(paths)
     post = paths["/v1/galleries/{gallery}/images"]["post"]
@@ -612,6 +615,6 @@ def test_each_upload_stores_a_small_thumbnail_served_by_its_route(client):
                  "image_not_found")
     assert_error(client.get(f"/v1/galleries/nope/images/{first}/thumbnail"), 404,
                  "gallery_not_found")
-    assert_error(client.get("/v1/galleries/g/images/xyz/thumbnail"), 422)
+    assert_error(client.get("/v1/galleries/g/images/-xyz/thumbnail"), 422)
     # The thumbnail is not a tensor: queries and listings are as before.
     assert query(client, "g", big, top_k=1).json()["results"][0]["image_id"] == first
