@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["DomainError", "GalleryNotFound", "ImageNotFound", "ImageRefused", "ImageConflict",
-           "GalleryConflict", "RequestInvalid", "WriteNotReplicated"]
+           "GalleryConflict", "RequestInvalid", "RequestTooLarge", "Overloaded",
+           "WriteNotReplicated"]
 
 
 class DomainError(Exception):
@@ -18,10 +19,12 @@ class DomainError(Exception):
 
     code = "error"
 
-    def __init__(self, message: str, details: Any = None) -> None:
+    def __init__(self, message: str, details: Any = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.details = details
+        if code is not None:  # a more precise code than the class's
+            self.code = code
 
 
 class GalleryNotFound(DomainError):
@@ -35,17 +38,19 @@ class GalleryNotFound(DomainError):
 class ImageNotFound(DomainError):
     code = "image_not_found"
 
-    def __init__(self, gallery: str, image_id: str) -> None:
-        super().__init__(f"no image {image_id} in gallery {gallery!r}",
-                         {"gallery": gallery, "image_id": image_id})
+    def __init__(self, gallery: str, image_id: str, code: str | None = None,
+                 message: str | None = None) -> None:
+        super().__init__(message or f"no image {image_id} in gallery {gallery!r}",
+                         {"gallery": gallery, "image_id": image_id}, code)
 
 
 class ImageRefused(DomainError):
     """An uploaded or probe image that cannot be used. ``reason``: ``invalid`` (unreadable,
-    empty, NaN pixels), ``unsupported_format``, ``too_large`` (bytes, pixels or decode
-    memory), ``unencodable`` (the cache dtype cannot hold its tensors)."""
+    empty, NaN pixels), ``unsupported_format``, ``too_large`` (pixels or decode memory),
+    ``too_many_bytes`` (the file itself), ``unencodable`` (the cache dtype cannot hold its
+    tensors)."""
 
-    REASONS = ("invalid", "unsupported_format", "too_large", "unencodable")
+    REASONS = ("invalid", "unsupported_format", "too_large", "too_many_bytes", "unencodable")
 
     def __init__(self, reason: str, message: str, index: int | None = None,
                  filename: str | None = None) -> None:
@@ -54,7 +59,8 @@ class ImageRefused(DomainError):
         super().__init__(message, {"index": index, "filename": filename})
         self.reason = reason
         self.code = {"invalid": "invalid_image", "unsupported_format": "unsupported_image_format",
-                     "too_large": "image_too_large", "unencodable": "unencodable_image"}[reason]
+                     "too_large": "image_too_large", "too_many_bytes": "payload_too_large",
+                     "unencodable": "unencodable_image"}[reason]
 
 
 class ImageConflict(DomainError):
@@ -79,6 +85,19 @@ class RequestInvalid(DomainError):
     """A request whose fields do not fit together (the message says which)."""
 
     code = "validation_error"
+
+
+class RequestTooLarge(DomainError):
+    """A request asks for more than the service takes at once (e.g. images per upload)."""
+
+    code = "request_too_large"
+
+
+class Overloaded(DomainError):
+    """The service is at a bound it keeps (e.g. bytes of images decoded at once); a retry
+    shortly after may pass."""
+
+    code = "overloaded"
 
 
 class WriteNotReplicated(DomainError):

@@ -24,7 +24,9 @@ from .domain import (
     ImageConflict,
     ImageNotFound,
     ImageRefused,
+    Overloaded,
     RequestInvalid,
+    RequestTooLarge,
     WriteNotReplicated,
 )
 from .store import InvalidItem, StoreUnavailable
@@ -55,14 +57,14 @@ def error_response(status: int, code: str, message: str, details: Any = None,
 _DOMAIN_STATUS: dict[type[DomainError], int] = {
     GalleryNotFound: 404, ImageNotFound: 404,
     ImageConflict: 409, GalleryConflict: 409,
-    RequestInvalid: 422,
-    WriteNotReplicated: 503,
+    RequestInvalid: 422, RequestTooLarge: 413,
+    Overloaded: 503, WriteNotReplicated: 503,
 }
 _REFUSED_STATUS = {"invalid": 400, "unsupported_format": 415, "too_large": 413,
-                   "unencodable": 422}
+                   "too_many_bytes": 413, "unencodable": 422}
 # Retry-After on the errors that a plain retry may mend.
 _DOMAIN_HEADERS: dict[type[DomainError], dict[str, str]] = {
-    WriteNotReplicated: {"Retry-After": "1"},
+    Overloaded: {"Retry-After": "1"}, WriteNotReplicated: {"Retry-After": "1"},
 }
 
 

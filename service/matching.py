@@ -18,8 +18,7 @@ import numpy as np
 
 from model.preprocess import ImageDecodeError, decode_image, header_decode_bytes
 
-from .domain import ImageRefused
-from .errors import ServiceError
+from .domain import ImageRefused, Overloaded
 from .thumbnails import make_thumbnail
 
 if TYPE_CHECKING:
@@ -38,18 +37,14 @@ class DecodedImage:
     thumbnail: bytes | None = None  # a small JPEG of it, when asked for
 
 
-def _refused(reason: str, problem: str, filename: str | None, index: int | None,
-             code: str | None = None) -> ImageRefused:
+def _refused(reason: str, problem: str, filename: str | None,
+             index: int | None) -> ImageRefused:
     """The :class:`ImageRefused` for one image, its message naming it (``images[k]
-    ('name.jpg'): problem``, or ``image ...`` for a probe). ``code``: a client code other than
-    the reason's own."""
+    ('name.jpg'): problem``, or ``image ...`` for a probe)."""
     where = "image" if index is None else f"images[{index}]"
     if filename:
         where += f" ({filename!r})"
-    error = ImageRefused(reason, f"{where}: {problem}", index, filename)
-    if code is not None:
-        error.code = code
-    return error
+    return ImageRefused(reason, f"{where}: {problem}", index, filename)
 
 
 # The ImageRefused reason of each model.preprocess.ImageDecodeError reason.
@@ -77,11 +72,9 @@ class DecodeBudget:
     def hold(self, nbytes: int) -> Iterator[None]:
         with self._lock:
             if self.in_flight and self.in_flight + nbytes > self.max_bytes:
-                raise ServiceError(503, "overloaded",
-                                   f"images being decoded take {self.in_flight} bytes; this "
-                                   f"one needs {nbytes} more, past the {self.max_bytes} "
-                                   "allowed at once: retry", {"kind": "decode"},
-                                   {"Retry-After": "1"})
+                raise Overloaded(f"images being decoded take {self.in_flight} bytes; this "
+                                 f"one needs {nbytes} more, past the {self.max_bytes} "
+                                 "allowed at once: retry", {"kind": "decode"})
             self.in_flight += nbytes
         try:
             yield
@@ -97,17 +90,16 @@ def read_image(data: bytes, engine: Engine, max_bytes: int, max_pixels: int,
     """Check and decode one uploaded image into the network's input (and its thumbnail,
     :func:`service.thumbnails.make_thumbnail`, when ``thumbnail``).
 
-    Raises :class:`ImageRefused`: ``too_large`` for too many bytes, pixels or decoding bytes
-    (checked from the header, before any pixel is decoded), ``unsupported_format`` for a
-    format the service does not take, ``invalid`` for anything unreadable (empty, truncated,
-    not an image, NaN pixels); the message names the file. :class:`ServiceError` 503 when
-    ``budget`` has no room for its decoding now.
+    Raises :class:`ImageRefused`: ``too_many_bytes`` for a file over ``max_bytes``,
+    ``too_large`` for too many pixels or decoding bytes (checked from the header, before any
+    pixel is decoded), ``unsupported_format`` for a format the service does not take,
+    ``invalid`` for anything unreadable (empty, truncated, not an image, NaN pixels); the
+    message names the file. :class:`Overloaded` when ``budget`` has no room for its decoding
+    now.
     """
     if len(data) > max_bytes:
-        # Clients have always seen "payload_too_large" for an image file over the byte limit
-        # (and "image_too_large" for pixels): the code stays theirs.
-        raise _refused("too_large", f"{len(data)} bytes; at most {max_bytes} bytes per image",
-                       filename, index, code="payload_too_large")
+        raise _refused("too_many_bytes", f"{len(data)} bytes; at most {max_bytes} bytes per "
+                       "image", filename, index)
     with budget.hold(header_decode_bytes(data)) if budget is not None else nullcontext():
         try:
             # upright (EXIF applied), RGB

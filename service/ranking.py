@@ -210,8 +210,9 @@ class GalleryRanker:
         Raises :class:`~service.domain.RequestInvalid` for options that do not fit together
         (or ``min_probability`` on a model without calibration),
         :class:`~service.domain.GalleryNotFound`, :class:`~service.domain.ImageRefused` for
-        a probe that cannot be used (``filename`` named in the message); ``ServiceError``
-        503 when the decoding budget is full; the store's ``StoreUnavailable``.
+        a probe that cannot be used (``filename`` named in the message),
+        :class:`~service.domain.Overloaded` when the decoding budget is full; the store's
+        ``StoreUnavailable``.
         """
         start = time.perf_counter()
         cameras = options.camera_filter()

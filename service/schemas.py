@@ -65,7 +65,10 @@ class UploadResponse(BaseModel):
     count: int = Field(description="Images stored by this request")
     already_stored: int = Field(0, description="Images whose image_id the gallery already held "
                                                "with the same content: left as they were")
-    gallery_size: int = Field(description="Images in the gallery afterwards")
+    gallery_size: int | None = Field(description="Images in the gallery afterwards; null when "
+                                                 "a part of it could not be counted just now "
+                                                 "(a Redis node failing over): the upload "
+                                                 "itself was stored")
     images: list[GalleryImage] = Field(description="The images, in upload order, as stored "
                                                    "(now or before)")
 

@@ -73,8 +73,9 @@ class Settings(BaseSettings):
                                 "WAIT) within redis_wait_timeout_ms, else 503 (the write "
                                 "itself is whole; retry it). Default: 1 in cluster mode, 0 "
                                 "otherwise")
-    redis_wait_timeout_ms: int = Field(1000, ge=1, description="How long a write waits for "
-                                                               "its replicas")
+    redis_wait_timeout_ms: int = Field(
+        500, ge=1, description="How long a write waits for its replicas; at least 250 ms "
+                               "below redis_socket_timeout")
     gallery_shards: int | None = Field(
         None, ge=1, le=64, description="Shards of a gallery created without a setting (each "
                                        "on its own Redis slot, so spread over a cluster's "
@@ -183,6 +184,10 @@ class Settings(BaseSettings):
     def _cluster_needs_redis(self) -> Settings:
         if self.redis_cluster and not self.redis_url:
             raise ValueError("DSMI_REDIS_CLUSTER needs DSMI_REDIS_URL (one node of the cluster)")
+        if self.redis_wait_timeout_ms + 250 > self.redis_socket_timeout * 1000:
+            raise ValueError(f"DSMI_REDIS_WAIT_TIMEOUT_MS ({self.redis_wait_timeout_ms}) must be "
+                             "at least 250 ms below DSMI_REDIS_SOCKET_TIMEOUT "
+                             f"({self.redis_socket_timeout} s)")
         return self
 
     @property

@@ -17,8 +17,14 @@ from ..deps import (
     get_settings,
     get_store,
 )
-from ..domain import GalleryConflict, GalleryNotFound, ImageConflict, ImageNotFound
-from ..errors import ServiceError
+from ..domain import (
+    GalleryConflict,
+    GalleryNotFound,
+    ImageConflict,
+    ImageNotFound,
+    RequestInvalid,
+    RequestTooLarge,
+)
 from ..matching import DecodeBudget, gallery_blobs, read_image
 from ..metrics import ServiceMetrics
 from ..schemas import (
@@ -81,38 +87,35 @@ def _parse_metadata(values: list[str] | None, n: int, max_bytes: int) -> list[di
         try:
             parsed.append(json.loads(text, parse_constant=_reject_constant))
         except RecursionError as exc:
-            raise ServiceError(422, "invalid_metadata",
-                               f"metadata[{k}] is nested more than {METADATA_MAX_DEPTH} levels "
-                               "deep", details={"index": k}) from exc
+            raise RequestInvalid(f"metadata[{k}] is nested more than {METADATA_MAX_DEPTH} levels "
+                                 "deep", {"index": k}, code="invalid_metadata") from exc
         except ValueError as exc:
-            raise ServiceError(422, "invalid_metadata", f"metadata[{k}] is not valid JSON: {exc}",
-                               details={"index": k}) from exc
+            raise RequestInvalid(f"metadata[{k}] is not valid JSON: {exc}", {"index": k},
+                                 code="invalid_metadata") from exc
     if len(parsed) == 1 and isinstance(parsed[0], list):
         parsed = parsed[0]
         if len(parsed) != n:
-            raise ServiceError(422, "invalid_metadata",
-                               f"metadata array has {len(parsed)} entries for {n} images")
+            raise RequestInvalid(f"metadata array has {len(parsed)} entries for {n} images",
+                                 code="invalid_metadata")
     elif len(parsed) == 1:
         parsed = parsed * n
     elif len(parsed) != n:
-        raise ServiceError(422, "invalid_metadata",
-                           f"{len(parsed)} metadata values for {n} images: give one JSON "
-                           "object for all images or one per image")
+        raise RequestInvalid(f"{len(parsed)} metadata values for {n} images: give one JSON "
+                             "object for all images or one per image", code="invalid_metadata")
     for k, entry in enumerate(parsed):
         if not isinstance(entry, dict):
-            raise ServiceError(422, "invalid_metadata",
-                               f"metadata for image {k} must be a JSON object, not "
-                               f"{type(entry).__name__}", details={"index": k})
+            raise RequestInvalid(f"metadata for image {k} must be a JSON object, not "
+                                 f"{type(entry).__name__}", {"index": k},
+                                 code="invalid_metadata")
         try:
             check_metadata(entry)
         except InvalidItem as exc:
-            raise ServiceError(422, "invalid_metadata", f"metadata for image {k}: {exc}",
-                               details={"index": k}) from None
+            raise RequestInvalid(f"metadata for image {k}: {exc}", {"index": k},
+                                 code="invalid_metadata") from None
         size = len(json.dumps(entry))
         if size > max_bytes:
-            raise ServiceError(422, "invalid_metadata",
-                               f"metadata for image {k} is {size} bytes; at most {max_bytes}",
-                               details={"index": k})
+            raise RequestInvalid(f"metadata for image {k} is {size} bytes; at most {max_bytes}",
+                                 {"index": k}, code="invalid_metadata")
     return [dict(entry) for entry in parsed]
 
 
@@ -150,21 +153,21 @@ def upload_images(gallery: GalleryName, form: Annotated[UploadForm, MULTIPART],
     may have stored some of its images: retry it with the same image ids."""
     n = len(form.images)
     if n > settings.max_images_per_upload:
-        raise ServiceError(413, "too_many_images",
-                           f"{n} images in one upload; at most {settings.max_images_per_upload}")
+        raise RequestTooLarge(f"{n} images in one upload; at most "
+                              f"{settings.max_images_per_upload}", code="too_many_images")
     if len(form.person_id) != n or len(form.camera_id) != n:
-        raise ServiceError(422, "field_count_mismatch",
-                           f"{n} images but {len(form.person_id)} person_id and "
-                           f"{len(form.camera_id)} camera_id values: give one of each per "
-                           "image, in the same order")
+        raise RequestInvalid(f"{n} images but {len(form.person_id)} person_id and "
+                             f"{len(form.camera_id)} camera_id values: give one of each per "
+                             "image, in the same order", code="field_count_mismatch")
     metadata = _parse_metadata(form.metadata, n, settings.max_metadata_bytes)
     if form.image_id is not None and len(form.image_id) != n:
-        raise ServiceError(422, "field_count_mismatch",
-                           f"{n} images but {len(form.image_id)} image_id values: give one per "
-                           "image, in the same order, or none")
+        raise RequestInvalid(f"{n} images but {len(form.image_id)} image_id values: give one "
+                             "per image, in the same order, or none",
+                             code="field_count_mismatch")
     image_ids = form.image_id or [new_image_id() for _ in range(n)]
     if len(set(image_ids)) != n:
-        raise ServiceError(422, "duplicate_image_id", "an image_id is given twice in one upload")
+        raise RequestInvalid("an image_id is given twice in one upload",
+                             code="duplicate_image_id")
     decoded, digests = [], []
     for k, upload in enumerate(form.images):
         data = upload.file.read(settings.max_image_bytes + 1)
@@ -270,9 +273,9 @@ def get_thumbnail(gallery: GalleryName, image_id: ImageId,
     if blobs is None:
         raise _missing_image(store, gallery, image_id)
     if THUMBNAIL_FIELD not in blobs:
-        raise ServiceError(404, "thumbnail_not_found",
-                           f"image {image_id} was stored without a thumbnail (uploaded by an "
-                           "earlier version)", details={"gallery": gallery, "image_id": image_id})
+        raise ImageNotFound(gallery, image_id, code="thumbnail_not_found",
+                            message=f"image {image_id} was stored without a thumbnail "
+                                    "(uploaded by an earlier version)")
     # Images never change under their id: a client may keep the thumbnail.
     return Response(blobs[THUMBNAIL_FIELD], media_type=THUMBNAIL_MEDIA_TYPE,
                     headers={"Cache-Control": "private, max-age=86400, immutable"})

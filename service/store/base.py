@@ -204,7 +204,7 @@ class AddResult:
     they were, returned as stored); ``conflicts``: ids already stored with other content
     (then nothing of the upload was stored)."""
 
-    size: int
+    size: int | None  # None: not countable just now (a node failing over)
     added: list[GalleryItem]
     existing: list[GalleryItem]
     conflicts: list[str] = field(default_factory=list)

@@ -77,6 +77,7 @@ _DIGEST = b"d"
 _DRAIN_CHUNK = 500
 _PURGE_CHUNK = 500
 _NO_CUTOFF = "-inf"
+_WAIT_MARGIN_MS = 250  # a WAIT's reply must come well within the socket timeout
 
 
 def _glob_escape(key: bytes) -> bytes:
@@ -255,7 +256,7 @@ class RedisGalleryStore:
                  prefix: str = "dsmi:", socket_timeout: float = 1.0,
                  connect_timeout: float = 0.5, client: redis.Redis | None = None,
                  cluster: bool = False, min_replicas: int | None = None,
-                 wait_timeout_ms: int = 1000, default_shards: int = 1,
+                 wait_timeout_ms: int = 500, default_shards: int = 1,
                  default_retention_days: float | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         if not namespace or not prefix:
@@ -271,6 +272,12 @@ class RedisGalleryStore:
         self.min_replicas = (1 if self.cluster else 0) if min_replicas is None else min_replicas
         if self.min_replicas < 0 or wait_timeout_ms < 1:
             raise ValueError("min_replicas must be >= 0 and wait_timeout_ms >= 1")
+        if self.min_replicas and wait_timeout_ms + _WAIT_MARGIN_MS > socket_timeout * 1000:
+            # Else a WAIT running out races the socket's own timeout: a dropped connection
+            # instead of a clear "not replicated".
+            raise ValueError(f"wait_timeout_ms ({wait_timeout_ms}) must be at least "
+                             f"{_WAIT_MARGIN_MS} ms below the socket timeout "
+                             f"({socket_timeout * 1000:.0f} ms)")
         self.wait_timeout_ms = int(wait_timeout_ms)
         self.default_shards = default_shards
         self.default_retention_days = default_retention_days
@@ -446,7 +453,7 @@ class RedisGalleryStore:
                 else:
                     conflicts.append(new.item.image_id)
             if conflicts:
-                return AddResult(self._size(config, shards), [], [], conflicts)
+                return AddResult(self._size_if_known(config, shards), [], [], conflicts)
             now_us = math.floor(self.clock() * 1e6)
             places = {new.item.image_id: k for k, (new, _, _) in enumerate(checked)}
             added: list[GalleryItem] = []
@@ -477,7 +484,7 @@ class RedisGalleryStore:
                         existing[item.image_id] = self.get_item(gallery, item.image_id) or item
                     else:
                         added.append(item)
-            size = self._size(config, shards)
+            size = self._size_if_known(config, shards)
         added.sort(key=lambda item: places[item.image_id])
         return AddResult(size, added, sorted(existing.values(),
                                              key=lambda item: places[item.image_id]), conflicts)
@@ -612,6 +619,15 @@ class RedisGalleryStore:
         for shard in shards:
             pipe.zcount(shard.ids, cutoff, "+inf")
         return sum(int(n) for n in pipe.execute())
+
+    def _size_if_known(self, config: GalleryConfig, shards: list[_Shard]) -> int | None:
+        """The size after an upload, or ``None`` when a shard the upload did not touch
+        cannot be counted now (its master failing over): the upload itself has succeeded."""
+        try:
+            return self._size(config, shards)
+        except redis.RedisError as exc:
+            log.info("gallery size unknown after an upload: %s", exc)
+            return None
 
     def gallery_size(self, gallery: str) -> int | None:
         with self._guard("read the gallery size"):

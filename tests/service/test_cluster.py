@@ -68,7 +68,7 @@ def test_cluster_writes_are_acknowledged_by_a_replica(redis_cluster, cluster_sto
 
 def test_a_write_no_replica_acknowledges_is_refused_in_time(redis_with_replica):
     store = RedisGalleryStore(redis_with_replica.url, namespace="m", prefix=new_prefix(),
-                              min_replicas=1, wait_timeout_ms=200)
+                              min_replicas=1, wait_timeout_ms=700)
     try:
         assert len(store.add_items("g", named(2)).added) == 2
         with redis_with_replica.replica_paused():

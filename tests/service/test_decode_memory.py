@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from model.preprocess import ImageDecodeError, decode_bytes, decode_image, header_decode_bytes
-from service.errors import ServiceError
+from service.domain import Overloaded
+from service.errors import domain_status
 from service.matching import DecodeBudget
 from tests.service.test_api import assert_error, query, upload
 from tests.service_support import image_bytes, make_client
@@ -86,10 +87,11 @@ def test_a_multi_picture_jpeg_is_read_as_its_first_picture():
 def test_the_budget_refuses_a_decode_past_it_and_always_admits_one():
     budget = DecodeBudget(100)
     with budget.hold(80):
-        with pytest.raises(ServiceError) as exc:
+        with pytest.raises(Overloaded) as exc:
             with budget.hold(30):
                 pass
-        assert exc.value.status == 503 and exc.value.code == "overloaded"
+        assert domain_status(exc.value) == (503, {"Retry-After": "1"})
+        assert exc.value.code == "overloaded"
         with budget.hold(20):
             assert budget.in_flight == 100
     assert budget.in_flight == 0

@@ -181,7 +181,7 @@ def test_the_ranker_raises_domain_errors_and_the_route_answers_them(memory_app):
     too_big = b"\xff" * (ranker.settings.max_image_bytes + 1)
     with pytest.raises(ImageRefused) as refused:
         ranker.rank("g", too_big, QueryOptions())
-    assert (refused.value.reason, refused.value.code) == ("too_large", "payload_too_large")
+    assert (refused.value.reason, refused.value.code) == ("too_many_bytes", "payload_too_large")
     # The same through HTTP: the codes and messages clients have always had.
     cases = [({"exclude_same_camera": "true"}, probe, 422, "validation_error",
               "exclude_same_camera needs the probe's camera_id"),

@@ -212,3 +212,33 @@ def test_a_write_no_replica_acknowledges_is_a_503_but_whole(make_store, request)
     with pytest.raises(WriteNotReplicated):
         strict.delete_item("g", "img-0000")
     assert plain.gallery_size("g") == 3
+
+
+def test_an_upload_succeeds_when_another_shard_cannot_be_counted(make_store, monkeypatch,
+                                                                 request):
+    """During a failover, a shard the upload did not touch may not answer: the upload is
+    stored and says its gallery's size is unknown instead of failing."""
+    import redis
+
+    if request.node.callspec.id == "memory":
+        pytest.skip("the in-process store always answers")
+    store = make_store(default_shards=3)
+
+    def dead_node(*args):
+        raise redis.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(store, "_size", dead_node)
+    result = store.add_items("g", named(3))
+    assert result.size is None and len(result.added) == 3
+    monkeypatch.undo()
+    assert store.gallery_size("g") == 3
+
+
+def test_a_wait_longer_than_the_socket_timeout_is_refused_when_configured():
+    with pytest.raises(ValueError, match="below the socket timeout"):
+        RedisGalleryStore(REDIS_URL, namespace="m", min_replicas=1, wait_timeout_ms=900,
+                          socket_timeout=1.0)
+    from service.settings import Settings
+
+    with pytest.raises(ValueError, match="DSMI_REDIS_WAIT_TIMEOUT_MS"):
+        Settings(redis_wait_timeout_ms=1000)
