@@ -23,7 +23,9 @@ store): the route calls :meth:`GalleryRanker.rank` from FastAPI's thread pool.
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
@@ -199,6 +201,24 @@ class GalleryRanker:
         self.cache = cache
         self.settings = settings if settings is not None else Settings()
         self.budget = budget
+        # Resident galleries' rows placed where the head runs (the engine's device), per
+        # set of arrays (GalleryView.layout, held weakly: dropped with the arrays):
+        # (rows placed, the placed chunks). Only rows added since are placed by a query.
+        self.place_galleries = engine.places_galleries
+        self._placements: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._placing = threading.Lock()
+
+    def _placed(self, view: GalleryView) -> list:
+        """``view``'s rows placed where the head runs, in the engine's chunks (device memory
+        is not counted in the resident cache's budget)."""
+        n, chunk = len(view.alive), self.engine.chunk_rows
+        with self._placing:
+            rows, placed = self._placements.get(view.layout, (0, []))
+            if rows < n:
+                first = rows // chunk
+                placed = placed[:first] + self.engine.place(view.arrays, first * chunk, n)
+                self._placements[view.layout] = (n, placed)
+            return list(placed)
 
     # -- the one call of the query route ----------------------------------------------------
 
@@ -273,11 +293,10 @@ class GalleryRanker:
         resident copy when it fits the cache (:meth:`rank_view`), else streamed from the
         store (:meth:`rank_streamed`, exhaustive). ``size_hint``: the gallery's size if
         known (a gallery too large for the cache is then not loaded)."""
-        engine, cache, metrics = self.engine, self.cache, self.metrics
+        cache, metrics = self.cache, self.metrics
         if cache is not None:
             t0 = time.perf_counter()
-            view, report = cache.view(self.store, gallery, size_hint,
-                                      placer=engine if engine.places_galleries else None)
+            view, report = cache.view(self.store, gallery, size_hint)
             metrics.cache_syncs.labels(report.outcome).inc()
             if report.outcome != "fresh":  # nothing loaded, replayed or evicted otherwise
                 metrics.resident_bytes.set(cache.nbytes)
@@ -307,11 +326,12 @@ class GalleryRanker:
             shortlist_s = time.perf_counter() - t0
         else:
             rows = candidates
-        if view.placed is not None and len(rows) == len(candidates):
+        placed = self._placed(view) if self.place_galleries else None
+        if placed is not None and len(rows) == len(candidates):
             # Exhaustive on a placed gallery: every row scored where it lies (removed and
             # filtered rows too, dropped after), no copy per call.
             t0 = time.perf_counter()
-            scores = engine.score_placed(probe, view.placed)[rows]
+            scores = engine.score_placed(probe, placed)[rows]
             metrics.score_batch.observe(time.perf_counter() - t0)
             metrics.pairs_scored.inc(len(view.alive))
         else:

@@ -2,7 +2,7 @@
 
 A store is bound to one model id (its namespace): the activations of two models are never
 mixed, because a store only sees the keys of its own model. Blobs are opaque bytes keyed by
-field name (the conv5 map and the engine's cached gallery fields).
+field name (the engine's cached gallery fields, the thumbnail).
 """
 
 from __future__ import annotations

@@ -28,7 +28,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
@@ -37,7 +36,7 @@ from model.retrieval import l2_normalise
 from .base import Chunk, GalleryItem, GalleryStore, Generation
 from .codec import TensorCodec, decode_entries
 
-__all__ = ["GalleryView", "ResidentGallery", "ResidentCache", "SyncReport", "Placer",
+__all__ = ["GalleryView", "ResidentGallery", "ResidentCache", "SyncReport", "ArraysLayout",
            "ITEM_OVERHEAD"]
 
 log = logging.getLogger(__name__)
@@ -58,8 +57,10 @@ class GalleryView:
     Rows ``0 .. n-1``: ``items[i]`` (``None`` for a removed row), ``arrays[field]`` ``(n,
     *shape)`` in the cache dtype, ``unit_embedding`` ``(n, D)`` float32 of unit rows (``None``
     without an embedding field), ``alive`` ``(n,)`` bool, ``camera`` ``(n,)`` int32 codes of
-    ``camera_codes``; ``placed``: the rows placed where the head runs, in chunks (a
-    :class:`Placer`'s output), or ``None``.
+    ``camera_codes``; ``layout``: stands for the arrays these rows are read from, the same
+    object until the gallery's arrays are replaced (grown, compacted, reloaded), so that a
+    reader may keep derived copies of them (the ranker's rows placed on a device) keyed by
+    it, weakly: it is dropped with the arrays.
     """
 
     generation: Generation
@@ -69,7 +70,7 @@ class GalleryView:
     alive: np.ndarray
     camera: np.ndarray
     camera_codes: dict[str, int]
-    placed: list | None = None
+    layout: ArraysLayout
 
     @property
     def size(self) -> int:
@@ -89,12 +90,11 @@ class GalleryView:
         return mask
 
 
-class Placer(Protocol):
-    """Places gallery rows where the head runs (:meth:`service.engine.Engine.place`)."""
+class ArraysLayout:
+    """A token for one set of a resident gallery's arrays (see :attr:`GalleryView.layout`);
+    rows are only ever appended to it, or removed (``alive``), never moved."""
 
-    chunk_rows: int
-
-    def place(self, arrays: dict[str, np.ndarray], start: int, stop: int) -> list: ...
+    __slots__ = ("__weakref__",)
 
 
 @dataclass
@@ -136,12 +136,11 @@ class ResidentGallery:
         self._camera = np.zeros(capacity, np.int32)
         self._created = np.zeros(capacity, np.float64)  # for the gallery's retention
         self._camera_codes: dict[str, int] = {}
-        self._drop_placed()
+        self._new_layout()
 
-    def _drop_placed(self) -> None:
-        """Forget the placed rows: the arrays were replaced (grown, compacted, reset)."""
-        self._placed: list = []
-        self._placed_rows = 0
+    def _new_layout(self) -> None:
+        """The arrays were replaced (grown, compacted, reset): rows may have moved."""
+        self._layout = ArraysLayout()
 
     @property
     def capacity(self) -> int:
@@ -179,7 +178,7 @@ class ResidentGallery:
         self._alive, self._camera = grown(self._alive), grown(self._camera)
         self._created = grown(self._created)
         self._alive_shared = False
-        self._drop_placed()
+        self._new_layout()
 
     def append(self, items: list[GalleryItem], batch: dict[str, np.ndarray]) -> None:
         """Add items with their decoded tensors (``batch[field]`` ``(len(items), *shape)``,
@@ -222,7 +221,7 @@ class ResidentGallery:
         self._alive, self._camera = self._alive[keep], self._camera[keep]
         self._created = self._created[keep]
         self._alive_shared = False
-        self._drop_placed()
+        self._new_layout()
         self._items = [self._items[k] for k in keep]
         self._row = {item.image_id: k for k, item in enumerate(self._items)}
         self._n = len(keep)
@@ -289,31 +288,22 @@ class ResidentGallery:
         self.generation, self.loaded = start, True
         return skipped
 
-    def view(self, placer: Placer | None = None, now: float | None = None) -> GalleryView:
-        """A snapshot of the gallery; with ``placer``, its rows placed where the head runs
-        too (only the rows added since the last placement, from their chunk on). ``now``:
-        the time by which items past the gallery's retention are left out (not yet purged
-        from the store, or purged but not yet synced)."""
+    def view(self, now: float | None = None) -> GalleryView:
+        """A snapshot of the gallery. ``now``: the time by which items past the gallery's
+        retention are left out (not yet purged from the store, or purged but not yet
+        synced)."""
         n = self._n
         self._alive_shared = True
         alive = self._alive[:n]
         retention = self.generation.retention_s
         if retention is not None and now is not None:
             alive = alive & (self._created[:n] > now - retention)
-        placed = None
-        if placer is not None:
-            if self._placed_rows < n:
-                first = self._placed_rows // placer.chunk_rows
-                self._placed = self._placed[:first] + placer.place(
-                    self._arrays, first * placer.chunk_rows, n)
-                self._placed_rows = n
-            placed = list(self._placed)
         return GalleryView(
             generation=self.generation, items=self._items[:n],
             arrays={f: a[:n] for f, a in self._arrays.items()},
             unit_embedding=self._unit[:n] if self._unit is not None else None,
             alive=alive, camera=self._camera[:n],
-            camera_codes=dict(self._camera_codes), placed=placed)
+            camera_codes=dict(self._camera_codes), layout=self._layout)
 
 
 class ResidentCache:
@@ -349,12 +339,11 @@ class ResidentCache:
         self._galleries.pop(gallery, None)
         self._total -= self._bytes.pop(gallery, 0)
 
-    def view(self, store: GalleryStore, gallery: str, size_hint: int | None = None,
-             placer: Placer | None = None) -> tuple[GalleryView | None, SyncReport]:
+    def view(self, store: GalleryStore, gallery: str, size_hint: int | None = None
+             ) -> tuple[GalleryView | None, SyncReport]:
         """The gallery brought up to date, or ``None`` when it does not fit the budget (the
         caller streams it from the store). ``size_hint``: the gallery's size if known, so
-        that a gallery too large is refused before it is loaded; ``placer``: see
-        :meth:`ResidentGallery.view` (device memory is not counted in ``max_bytes``)."""
+        that a gallery too large is refused before it is loaded."""
         with self._lock:
             resident = self._galleries.get(gallery)
             if resident is None:
@@ -365,7 +354,7 @@ class ResidentCache:
             self._galleries.move_to_end(gallery)
         with resident.lock:
             report = resident.sync(store)
-            view = resident.view(placer, now=self.clock())
+            view = resident.view(now=self.clock())
             size = resident.nbytes
         if size > self.max_bytes:
             self.drop(gallery)

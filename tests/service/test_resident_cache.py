@@ -336,26 +336,31 @@ def test_placed_galleries_are_placed_once_and_rank_like_the_host_path():
 
     engine.place = counting
     cache = ResidentCache(engine.codec, 1 << 30, "embedding")
-    view, _ = cache.view(store, "g", placer=engine)
-    assert placed_rows == [(0, 40)] and len(view.placed) == 3  # chunks of 16
+    ranker = GalleryRanker(engine, store, ServiceMetrics(), cache)
+    view, _ = cache.view(store, "g")
+    assert placed_rows == [] and ranker.place_galleries  # the cache itself places nothing
+    assert len(ranker._placed(view)) == 3 and placed_rows == [(0, 40)]  # chunks of 16
     store.add_items("g", added[40:60])
     store.delete_item("g", added[3].item.image_id)
-    view, _ = cache.view(store, "g", placer=engine)
+    view, _ = cache.view(store, "g")
+    ranker._placed(view)
     # Within the arrays' capacity (64 rows): only from the last partial chunk on.
     assert placed_rows[-1] == (32, 60)
     store.add_items("g", added[60:])
-    view, _ = cache.view(store, "g", placer=engine)
+    view, _ = cache.view(store, "g")
+    ranker._placed(view)
     assert placed_rows[-1] == (0, 70)  # the arrays grew (new arrays): placed again
-    view, _ = cache.view(store, "g", placer=engine)
+    view, _ = cache.view(store, "g")
+    ranker._placed(view)
     assert len(placed_rows) == 3  # nothing changed, nothing placed
+    assert len(ranker._placements) == 1  # the replaced arrays' placement is gone with them
     probe = engine.prepare_probe(np.maximum(rng.normal(size=(1, *engine.map_shape)), 0)
                                  .astype(np.float32))
-    ranker = GalleryRanker(engine, store, ServiceMetrics())
-    host = dict(view.__dict__, placed=None)
-    host_view = type(view)(**host)
+    host = GalleryRanker(engine, store, ServiceMetrics(), cache)
+    host.place_galleries = False
     for cameras in (CameraFilter(), CameraFilter.of(["1"])):
         on_device = ranker.rank_view(view, probe, 20, cameras, 0)
-        on_host = ranker.rank_view(host_view, probe, 20, cameras, 0)
+        on_host = host.rank_view(view, probe, 20, cameras, 0)
         assert [i.image_id for i, _ in on_device.ranked] == [i.image_id for i, _ in
                                                              on_host.ranked]
         np.testing.assert_allclose([s for _, s in on_device.ranked],
