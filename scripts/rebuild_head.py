@@ -23,7 +23,7 @@ anything else is refused with a message.
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import shutil
 import sys
 import tempfile
@@ -36,7 +36,7 @@ from onnx import numpy_helper
 
 from model.export import _export_graph, _externalise, _Head
 from model.factory import build_model
-from model.formats import MANIFEST_FILE
+from model.formats import ExportManifest
 from model.network import HeadWeights, StreamFeatures
 from model.pooling import StackedIRNN
 from service.engine import Engine
@@ -48,13 +48,13 @@ def _initialisers(path: Path) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
 
 
 def rebuild(src: Path, dst: Path, images: list[Path]) -> float:
-    manifest = json.loads((src / MANIFEST_FILE).read_text())
-    net = build_model(**manifest["build_args"]).eval()
+    manifest = ExportManifest.read(src)
+    net = build_model(**manifest.build_args).eval()
     pooling = net.pooling
     if not isinstance(pooling, StackedIRNN) or not net._fuse_tail:
         sys.exit(f"{src}: only a gate + stacked IRNN head with a fused tail is handled")
-    _, head = _initialisers(src / manifest["graphs"]["head"]["file"])
-    _, probe = _initialisers(src / manifest["graphs"]["probe"]["file"])
+    _, head = _initialisers(src / manifest.graphs["head"].file)
+    _, probe = _initialisers(src / manifest.graphs["probe"].file)
 
     # The old graph's recurrent matrices, in the order it was traced: per layer the
     # left/right pair, then the top/bottom pair, each stored transposed (h @ W^T).
@@ -90,30 +90,29 @@ def rebuild(src: Path, dst: Path, images: list[Path]) -> float:
     staging = Path(tempfile.mkdtemp(prefix=".rebuild.", dir=dst.parent))
     staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from a service's own user
     try:
-        fields = manifest["fields"]
-        spec = manifest["probe_fields"]
+        fields = manifest.fields
+        spec = manifest.probe_fields
         args = tuple(torch.zeros(1, *spec[f]) for f in fields) + tuple(
-            torch.zeros(2, *manifest["gallery_fields"][f]) for f in fields)
+            torch.zeros(2, *manifest.gallery_fields[f]) for f in fields)
         inputs = {f"probe_{f}": None for f in fields}
         inputs.update({f"gallery_{f}": 0 for f in fields})
         models = {}
-        for key, graph in manifest["graphs"].items():
-            if graph["file"] in models:
+        for key, graph in manifest.graphs.items():
+            if graph.file in models:
                 continue
             if key == "head":
                 with torch.no_grad():
-                    models[graph["file"]] = _export_graph(
-                        module, args, staging / graph["file"], list(inputs), ["scores"],
-                        inputs, manifest["opset"], "legacy")
+                    models[graph.file] = _export_graph(
+                        module, args, staging / graph.file, list(inputs), ["scores"],
+                        inputs, manifest.opset, "legacy")
             else:
-                models[graph["file"]] = onnx.load(str(src / graph["file"]))
-        files = {manifest["weights_file"]: _externalise(models, staging / manifest["weights_file"])}
+                models[graph.file] = onnx.load(str(src / graph.file))
+        files = {manifest.weights_file: _externalise(models, staging / manifest.weights_file)}
         for file, model in models.items():
             onnx.save(model, str(staging / file))
             onnx.checker.check_model(str(staging / file), full_check=True)
             files[file] = (staging / file).stat().st_size
-        manifest["files"] = files
-        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        dataclasses.replace(manifest, files=files).write(staging)
         for extra in src.iterdir():  # the model card and anything else beside the graphs
             if not (staging / extra.name).exists():
                 shutil.copy2(extra, staging / extra.name)
