@@ -38,6 +38,30 @@ def test_compose_gpu_profile_reserves_a_gpu():
     assert len(ports) == sum(len(s.get("ports", [])) for s in COMPOSE["services"].values())
 
 
+def test_compose_cluster_profile_is_three_masters_with_a_replica_each():
+    services = COMPOSE["services"]
+    nodes = [name for name, s in services.items() if name.startswith("redis-node-")]
+    assert len(nodes) == 6
+    for name in nodes:
+        node = services[name]
+        assert node["profiles"] == ["cluster"]
+        command = node["command"]
+        assert command[command.index("--cluster-enabled") + 1] == "yes"
+        assert command[command.index("--appendonly") + 1] == "yes"
+        assert node["volumes"][0].split(":")[0] in COMPOSE["volumes"]  # a volume of its own
+    init = services["redis-cluster-init"]
+    script = " ".join(init["command"])
+    assert "--cluster create" in script and "--cluster-replicas 1" in script
+    assert set(init["depends_on"]) == set(nodes)
+    assert all(d["condition"] == "service_healthy" for d in init["depends_on"].values())
+    service = services["dsmi-cluster"]
+    assert service["environment"]["DSMI_REDIS_CLUSTER"] == "1"
+    assert service["environment"]["DSMI_REDIS_URL"].startswith("redis://redis-node-")
+    assert service["depends_on"]["redis-cluster-init"]["condition"] == \
+        "service_completed_successfully"
+    assert "--profile cluster" in README  # the README shows cluster mode
+
+
 def _stage(name: str) -> str:
     match = re.search(rf"^FROM .* AS {name}\n(.*?)(?=^FROM |\Z)", DOCKERFILE, re.M | re.S)
     assert match, f"no stage {name}"
