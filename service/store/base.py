@@ -21,7 +21,8 @@ __all__ = ["GalleryItem", "NewItem", "Chunk", "checked_blobs", "GalleryStore", "
            "StoreUnavailable", "new_image_id", "InvalidItem", "check_label", "check_metadata",
            "LABEL_MAX", "METADATA_MAX_DEPTH", "Generation", "Change", "CHANGE_OPS",
            "CHANGE_LOG_MAX", "GalleryConfig", "AddResult", "shard_of", "content_digest",
-           "SHARDS_MAX", "check_gallery_settings", "checked_upload"]
+           "SHARDS_MAX", "check_gallery_settings", "checked_upload",
+           "resolved_gallery_settings"]
 
 LABEL_MAX = 128          # longest person_id / camera_id
 METADATA_MAX_DEPTH = 16  # nesting levels of metadata (the top-level object is level 1)
@@ -120,6 +121,18 @@ def check_gallery_settings(shards: int, retention_days: float | None) -> None:
             isinstance(retention_days, bool) or not isinstance(retention_days, (int, float))
             or not math.isfinite(retention_days) or retention_days <= 0):
         raise ValueError(f"retention_days must be a positive number, not {retention_days!r}")
+
+
+def resolved_gallery_settings(shards: int | None, retention_days: float | None,
+                              default_shards: int, default_retention_days: float | None
+                              ) -> tuple[int, float | None]:
+    """The settings a gallery is created with: each one asked for, else the store's default;
+    checked (:func:`check_gallery_settings`)."""
+    shards = default_shards if shards is None else shards
+    if retention_days is None:
+        retention_days = default_retention_days
+    check_gallery_settings(shards, retention_days)
+    return shards, retention_days
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from .base import (
     NewItem,
     check_gallery_settings,
     checked_upload,
+    resolved_gallery_settings,
     shard_of,
 )
 
@@ -96,10 +97,8 @@ class MemoryGalleryStore:
 
     def create_gallery(self, gallery: str, shards: int | None = None,
                        retention_days: float | None = None) -> tuple[GalleryConfig, bool]:
-        shards = self.default_shards if shards is None else shards
-        if retention_days is None:
-            retention_days = self.default_retention_days
-        check_gallery_settings(shards, retention_days)
+        shards, retention_days = resolved_gallery_settings(
+            shards, retention_days, self.default_shards, self.default_retention_days)
         with self._lock:
             g = self._galleries.get(gallery)
             if g is not None:

@@ -64,6 +64,7 @@ from .base import (
     StoreUnavailable,
     check_gallery_settings,
     checked_upload,
+    resolved_gallery_settings,
     shard_of,
 )
 
@@ -337,10 +338,8 @@ class RedisGalleryStore:
 
     def create_gallery(self, gallery: str, shards: int | None = None,
                        retention_days: float | None = None) -> tuple[GalleryConfig, bool]:
-        shards = self.default_shards if shards is None else shards
-        if retention_days is None:
-            retention_days = self.default_retention_days
-        check_gallery_settings(shards, retention_days)
+        shards, retention_days = resolved_gallery_settings(
+            shards, retention_days, self.default_shards, self.default_retention_days)
         epoch = uuid.uuid4().hex
         retention = "" if retention_days is None else repr(float(retention_days) * 86400.0)
         with self._guard("create the gallery"):
