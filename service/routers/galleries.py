@@ -203,7 +203,7 @@ def upload_images(gallery: GalleryName, form: Annotated[UploadForm, MULTIPART],
             summary="Create a gallery with its settings",
             responses={200: {"model": GalleryInfo,
                              "description": "The gallery exists with these settings"},
-                       **errors(401, 409, 422, 503)})
+                       **errors(400, 401, 409, 422, 503)})
 def create_gallery(gallery: GalleryName, response: Response,
                    body: Annotated[GallerySettings, Body()] = GallerySettings(),
                    store: GalleryStore = Depends(get_store)) -> GalleryInfo:
