@@ -59,6 +59,7 @@ BUS_PORT_OFFSET = 10000  # a cluster node's bus listens on its port + 10000
 CLUSTER_SLOTS = 16384
 MIN_REDIS_VERSION = (6, 0)
 DEFAULT_NODE_TIMEOUT_MS = 1000
+_FORMING_TIMEOUT_MS = 5000
 
 __all__ = [
     "LocalRedis",
@@ -415,7 +416,16 @@ class LocalRedisWithReplica(_Servers):
                       and not replica.get("master_sync_in_progress"))
                 online = str(master.get("slave0", {}).get("state", "")) == "online"
                 if up and online:
-                    return time.monotonic() - start
+                    # The first WAIT after a sync waited up to a second for the replica's
+                    # next ack: only in sync once a write is acknowledged.
+                    with _admin(self.master.port, timeout=timeout) as m:
+                        m.set("dsmi-sync-marker", "1")
+                        acked = m.wait(1, int(max(deadline - time.monotonic(), 0.1) * 1000))
+                        m.delete("dsmi-sync-marker")
+                    if acked >= 1:
+                        return time.monotonic() - start
+                    problem = "the replica acknowledged no write"
+                    continue
                 problem = f"replica link {replica.get('master_link_status')}, " \
                           f"master sees {master.get('slave0')}"
             except redis.RedisError as exc:
@@ -515,9 +525,13 @@ class LocalRedisCluster(_Servers):
     # -- start ------------------------------------------------------------------------------
 
     def _node_args(self, workdir: Path) -> list[str]:
+        # Nodes start with a node timeout of at least 5 s, set to node_timeout_ms once the
+        # cluster is formed (and after each restart): a handshake not answered within the
+        # node timeout is dropped, and on a loaded machine 1 s handshakes were, leaving
+        # `redis-cli --cluster create` waiting for the join forever.
         return ["--cluster-enabled", "yes",
                 "--cluster-config-file", str(workdir / "nodes.conf"),
-                "--cluster-node-timeout", str(self.node_timeout_ms),
+                "--cluster-node-timeout", str(max(self.node_timeout_ms, _FORMING_TIMEOUT_MS)),
                 "--cluster-replica-validity-factor", "0",
                 "--cluster-replica-no-failover", "no",
                 "--cluster-require-full-coverage", "yes",
@@ -543,6 +557,25 @@ class LocalRedisCluster(_Servers):
             raise RedisStartError(f"redis-cli --cluster create failed ({created.returncode}):\n"
                                   f"{created.stdout}{created.stderr}\nlogs:\n{self._logs()}")
         self.wait_healthy(self.start_timeout)
+        for port in self._nodes:
+            self._set_node_timeout(port)
+        self._wait_acknowledging(self.start_timeout)
+
+    def _wait_acknowledging(self, timeout: float) -> None:
+        """Until every master's replicas acknowledge a write: the first WAIT after a sync
+        waited up to a second for the replica's next ack, which a write's own WAIT of a
+        fraction of that would take for a lost replica."""
+        deadline = time.monotonic() + timeout
+        while True:
+            acks = self.wait_replicated(timeout_ms=2000)
+            if all(n >= self.replicas_per_master for n in acks.values()):
+                return
+            if time.monotonic() > deadline:
+                raise RedisStartError(f"replicas do not acknowledge writes: {acks}")
+
+    def _set_node_timeout(self, port: int) -> None:
+        with _admin(port) as conn:
+            conn.config_set("cluster-node-timeout", self.node_timeout_ms)
 
     # -- what is running ----------------------------------------------------------------------
 
@@ -708,6 +741,7 @@ class LocalRedisCluster(_Servers):
         if server.alive:
             raise ValueError(f"the node on port {port} is running")
         server.start(port=port, timeout=self.start_timeout)
+        self._set_node_timeout(port)
         self._killed.pop(port, None)
 
     def heal(self, timeout: float = 60.0) -> float:
@@ -717,6 +751,7 @@ class LocalRedisCluster(_Servers):
             if not server.alive:
                 self.restart(port)
         self.wait_healthy(max(1.0, timeout - (time.monotonic() - start)))
+        self._wait_acknowledging(max(1.0, timeout - (time.monotonic() - start)))
         return time.monotonic() - start
 
     # -- data ---------------------------------------------------------------------------------

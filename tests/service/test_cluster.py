@@ -67,6 +67,7 @@ def test_cluster_writes_are_acknowledged_by_a_replica(redis_cluster, cluster_sto
 
 
 def test_a_write_no_replica_acknowledges_is_refused_in_time(redis_with_replica):
+    redis_with_replica.wait_in_sync()  # another test of the session may have paused it
     store = RedisGalleryStore(redis_with_replica.url, namespace="m", prefix=new_prefix(),
                               min_replicas=1, wait_timeout_ms=700)
     try:
