@@ -204,14 +204,14 @@ class AdmissionMiddleware:
             return
         with tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY) as body:
             try:
-                complete = await _receive_body(receive, body)
+                size = await _receive_body(receive, body)
             except HTTPException as exc:  # too large or too slow: said by the middlewares
                 response = error_response(exc.status_code, _BODY_ERRORS.get(
                     exc.status_code, "bad_request"), str(exc.detail),
                     headers=getattr(exc, "headers", None))
                 await response(scope, receive, send)
                 return
-            if not complete:
+            if size is None:
                 return  # the client left before sending its body: nobody to answer
             full = self._full(kind, slot)  # others may have taken the slots meanwhile
             if full is not None:
@@ -220,7 +220,7 @@ class AdmissionMiddleware:
             self.in_flight[kind] += 1
             self.by_client[slot] = self.by_client.get(slot, 0) + 1
             try:
-                await self.app(scope, _replay(body, receive), send)
+                await self.app(scope, _replay(body, size, receive), send)
             finally:
                 self.in_flight[kind] -= 1
                 left = self.by_client[slot] - 1
@@ -233,38 +233,33 @@ class AdmissionMiddleware:
 _BODY_ERRORS = {413: "payload_too_large", 408: "request_timeout"}
 
 
-async def _receive_body(receive: Receive, body) -> bool:
-    """Receive a request's whole body into ``body`` -> whether it came whole (else the
-    client disconnected)."""
+async def _receive_body(receive: Receive, body) -> int | None:
+    """Receive a request's whole body into ``body`` (left at its start) -> its size, or
+    ``None`` when the client disconnected first."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            return False
+            return None
         body.write(message.get("body", b""))
         if not message.get("more_body", False):
+            size = body.tell()
             body.seek(0)
-            return True
+            return size
 
 
-def _replay(body, receive: Receive) -> Receive:
-    """A ``receive`` that gives the spooled body back in chunks, then the real channel
-    (for a disconnect)."""
+def _replay(body, size: int, receive: Receive) -> Receive:
+    """A ``receive`` that gives the spooled body of ``size`` bytes back in chunks, then the
+    real channel (for a disconnect)."""
+    left = size
     done = False
 
     async def replay() -> Message:
-        nonlocal done
+        nonlocal left, done
         if done:
             return await receive()
         chunk = body.read(_REPLAY_CHUNK)
-        more = body.tell() < _size(body)
-        done = not more
-        return {"type": "http.request", "body": chunk, "more_body": more}
+        left -= len(chunk)
+        done = left <= 0
+        return {"type": "http.request", "body": chunk, "more_body": not done}
 
     return replay
-
-
-def _size(body) -> int:
-    here = body.tell()
-    end = body.seek(0, 2)
-    body.seek(here)
-    return end

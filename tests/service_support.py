@@ -265,16 +265,28 @@ def dribble_body(port: int, path: str, stop: threading.Event, headers: str = "",
     sock.settimeout(every)
     sock.send(f"POST {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Type: multipart/form-data;"
               f" boundary=b\r\nContent-Length: {length}\r\n\r\n--b\r\n".encode())
-    data = b""
     try:
-        while not stop.is_set() and b"\r\n\r\n" not in data:
-            try:
-                sock.send(b"x")
-                data += sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                break
+        data = dribble(sock, lambda: not stop.is_set(), lambda got: b"\r\n\r\n" in got)
     finally:
         sock.close()
     return data.split(b"\r\n", 1)[0]
+
+
+def dribble(sock: socket.socket, keep_going, answered) -> bytes:
+    """Send one body byte per ``sock`` timeout while ``keep_going()`` and until
+    ``answered(what came back)`` or the server closes (what it sent before is still read)
+    -> what came back."""
+    data = b""
+    while keep_going() and not answered(data):
+        try:
+            sock.send(b"x")
+            data += sock.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError:
+            try:
+                data += sock.recv(65536)
+            except OSError:
+                pass
+            break
+    return data

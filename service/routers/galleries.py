@@ -221,7 +221,7 @@ def create_gallery(gallery: GalleryName, response: Response,
                               {"gallery": gallery, "settings": have, "asked": differs})
     if not created:
         response.status_code = 200
-    return _info(gallery, config, store.gallery_size(gallery) or 0)
+    return _info(gallery, config, 0 if created else store.gallery_size(gallery) or 0)
 
 
 @router.get("/{gallery}", response_model=GalleryInfo, summary="A gallery's size and settings",

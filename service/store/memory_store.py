@@ -146,7 +146,11 @@ class MemoryGalleryStore:
     def gallery_size(self, gallery: str) -> int | None:
         with self._lock:
             g = self._galleries.get(gallery)
-            return None if g is None else len(self._live_entries(g))
+            if g is None:
+                return None
+            if g.config.retention_s is None:  # every stored item is live: no scan per query
+                return sum(len(sh.entries) for sh in g.shards)
+            return len(self._live_entries(g))
 
     def list_galleries(self) -> dict[str, int]:
         with self._lock:

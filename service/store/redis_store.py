@@ -78,6 +78,7 @@ _DIGEST = b"d"
 _DRAIN_CHUNK = 500
 _PURGE_CHUNK = 500
 _NO_CUTOFF = "-inf"
+_CONF_FIELDS = (b"shards", b"retention", b"epoch", b"created", b"tags")
 _WAIT_MARGIN_MS = 250  # a WAIT's reply must come well within the socket timeout
 
 
@@ -167,6 +168,13 @@ local behind = n - tonumber(ARGV[1])
 if behind <= 0 or behind > tonumber(ARGV[2]) then return {n, {}} end
 return {n, redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', behind)}
 """
+# KEYS: conf, the deletion marker (one slot); ARGV: the epoch being deleted. Renames the conf
+# key to the marker unless another incarnation holds it.
+_DETACH_LUA = """
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 0 end
+redis.call('RENAME', KEYS[1], KEYS[2])
+return 1
+"""
 # KEYS: the registry; ARGV: SADD or SREM, the gallery name.
 _REGISTER_LUA = "return redis.call(ARGV[1], KEYS[1], ARGV[2])"
 # KEYS: conf. ARGV: shards, retention, epoch, created, tags. Creates it unless it exists;
@@ -178,6 +186,12 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 return redis.call('HMGET', KEYS[1], 'shards', 'retention', 'epoch', 'created', 'tags')
 """
+
+
+def _live(score: float | None, cutoff: str) -> bool:
+    """Whether an item of this insertion score is listed and not expired (``cutoff``: as
+    :meth:`RedisGalleryStore._cutoff` gives it)."""
+    return score is not None and (cutoff == _NO_CUTOFF or score >= float(cutoff))
 
 
 def _blob_key(field: str) -> bytes:
@@ -332,30 +346,34 @@ class RedisGalleryStore:
                 json.loads(tags))
 
     def _read_config(self, gallery: str) -> tuple[GalleryConfig, list[str]] | None:
-        fields = self.client.hmget(self._conf_key(gallery),
-                                   [b"shards", b"retention", b"epoch", b"created", b"tags"])
-        return self._parse_config(fields)
+        return self._parse_config(self.client.hmget(self._conf_key(gallery), _CONF_FIELDS))
 
     def create_gallery(self, gallery: str, shards: int | None = None,
                        retention_days: float | None = None) -> tuple[GalleryConfig, bool]:
-        shards, retention_days = resolved_gallery_settings(
-            shards, retention_days, self.default_shards, self.default_retention_days)
-        epoch = uuid.uuid4().hex
-        retention = "" if retention_days is None else repr(float(retention_days) * 86400.0)
         with self._guard("create the gallery"):
             found = self._read_config(gallery)
             if found is not None:  # no write: nothing for the replicas to acknowledge
                 return found[0], False
-            fields = self._write(self._conf_key(gallery), _CREATE_LUA, [self._conf_key(gallery)],
-                                 [shards, retention, epoch, repr(self.clock()),
-                                  json.dumps(shard_tags(gallery, shards))])
-        config, _ = self._parse_config(fields)
+            config, _, created = self._create(gallery, shards, retention_days)
+        return config, created
+
+    def _create(self, gallery: str, shards: int | None, retention_days: float | None
+                ) -> tuple[GalleryConfig, list[str], bool]:
+        """Create ``gallery`` unless it exists -> (its config, its shards' tags, whether it
+        was created now); the caller has seen no conf key."""
+        shards, retention_days = resolved_gallery_settings(
+            shards, retention_days, self.default_shards, self.default_retention_days)
+        epoch = uuid.uuid4().hex
+        retention = "" if retention_days is None else repr(float(retention_days) * 86400.0)
+        fields = self._write(self._conf_key(gallery), _CREATE_LUA, [self._conf_key(gallery)],
+                             [shards, retention, epoch, repr(self.clock()),
+                              json.dumps(shard_tags(gallery, shards))])
+        config, tags = self._parse_config(fields)
         created = config.epoch == epoch
         if created:
-            with self._guard("register the gallery"):
-                self._write(self._registry_key(), _REGISTER_LUA, [self._registry_key()],
-                            ["SADD", gallery])
-        return config, created
+            self._write(self._registry_key(), _REGISTER_LUA, [self._registry_key()],
+                        ["SADD", gallery])
+        return config, tags, created
 
     def gallery_config(self, gallery: str) -> GalleryConfig | None:
         with self._guard("read the gallery"):
@@ -402,10 +420,9 @@ class RedisGalleryStore:
                 replies = pipe.execute()
                 break
             except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
-                moved = isinstance(exc, redis.ResponseError) and str(exc).startswith(
+                topology = not isinstance(exc, redis.ResponseError) or str(exc).startswith(
                     ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN"))
-                if not self.cluster or attempt or not (moved or not isinstance(
-                        exc, redis.ResponseError)):
+                if not self.cluster or attempt or not topology:
                     raise
                 self.client.nodes_manager.initialize()
         if self.min_replicas and int(replies[1]) < self.min_replicas:
@@ -419,13 +436,9 @@ class RedisGalleryStore:
         checked = checked_upload(items)  # before anything is written
         with self._guard("store the upload"):
             layout = self._layout(gallery)
-            for _ in range(3):  # created here, or deleted by someone else that very moment
-                if layout is not None:
-                    break
-                self.create_gallery(gallery)
-                layout = self._layout(gallery)
-            if layout is None:
-                raise redis.RedisError("the gallery keeps disappearing")
+            if layout is None:  # a new gallery, with the store's default settings
+                config, tags, _ = self._create(gallery, None, None)
+                layout = config, self._shards(config, tags)
             config, shards = layout
             groups: dict[int, list] = {}
             for entry in checked:
@@ -444,7 +457,7 @@ class RedisGalleryStore:
             conflicts, existing = [], {}
             for k, (s, new) in enumerate(order):
                 score, (digest, meta) = replies[2 * k], replies[2 * k + 1]
-                if score is None or (cutoff != _NO_CUTOFF and score < float(cutoff)):
+                if not _live(score, cutoff):
                     continue
                 if digest is not None and digest.decode() == new.digest:
                     existing[new.item.image_id] = _parse_meta(meta, shards[s].item(
@@ -490,13 +503,10 @@ class RedisGalleryStore:
 
     def delete_item(self, gallery: str, image_id: str) -> bool:
         with self._guard("delete the item"):
-            layout = self._layout(gallery)
-            if layout is None:
+            found = self._live_item(gallery, image_id, [_META])  # expired counts as gone
+            if found is None or _parse_meta(found[1][0], found[0].item(image_id)) is None:
                 return False
-            config, shards = layout
-            shard = shards[shard_of(image_id, config.shards)]
-            if self.get_item(gallery, image_id) is None:  # expired counts as gone
-                return False
+            shard = found[0]
             removed = self._write(shard.ids, _REMOVE_LUA,
                                   [shard.ids, shard.gen, shard.log, shard.item(image_id)],
                                   [CHANGE_LOG_MAX, "+inf", image_id])
@@ -509,17 +519,13 @@ class RedisGalleryStore:
                 return None
             config, shards = layout
             size = self._size(config, shards)
-            # The gallery disappears at once (its conf key); a marker names the incarnation
-            # whose items are being removed, so that a stopped process's work is finished.
+            # The gallery disappears at once: its conf key becomes the marker of the
+            # incarnation whose items are being removed, so that a stopped process's work is
+            # finished (finish_deletions).
             marker = self._deleting_key(gallery, config.epoch)
             conf = self._conf_key(gallery)
-            raw = self.client.hgetall(conf)
-            if not raw or raw.get(b"epoch", b"").decode() != config.epoch:
+            if not self._write(conf, _DETACH_LUA, [conf, marker], [config.epoch]):
                 return None  # deleted (or re-created) meanwhile
-            pipe = self._node_client(conf).pipeline(transaction=True)
-            pipe.hset(marker, mapping=raw)
-            pipe.delete(conf)
-            pipe.execute()
             self._write(self._registry_key(), _REGISTER_LUA, [self._registry_key()],
                         ["SREM", gallery])
             self._drain(marker, config, shards)
@@ -534,9 +540,7 @@ class RedisGalleryStore:
         with self._guard("finish interrupted deletions"):
             pattern = _glob_escape(self._base) + b"{*}:deleting:*"
             for key in self._scan(pattern):
-                fields = self.client.hmget(key, [b"shards", b"retention", b"epoch",
-                                                 b"created", b"tags"])
-                found = self._parse_config(fields)
+                found = self._parse_config(self.client.hmget(key, _CONF_FIELDS))
                 if found is not None:
                     self._drain(key, found[0], self._shards(*found))
                 else:
@@ -638,8 +642,7 @@ class RedisGalleryStore:
             names = self._gallery_names()
             pipe = self.client.pipeline(transaction=False)
             for name in names:
-                pipe.hmget(self._conf_key(name),
-                           [b"shards", b"retention", b"epoch", b"created", b"tags"])
+                pipe.hmget(self._conf_key(name), _CONF_FIELDS)
             layouts = []
             for name, fields in zip(names, pipe.execute() if names else [], strict=True):
                 found = self._parse_config(fields)
@@ -692,7 +695,7 @@ class RedisGalleryStore:
         pipe.hmget(shard.item(image_id), fields)
         score, values = pipe.execute()
         cutoff = self._cutoff(config)
-        if score is None or (cutoff != _NO_CUTOFF and score < float(cutoff)):
+        if not _live(score, cutoff):
             return None
         return shard, values
 
@@ -761,7 +764,7 @@ class RedisGalleryStore:
         for k, (image_id, shard) in enumerate(zip(image_ids, where, strict=True)):
             score, row = replies[2 * k], replies[2 * k + 1]
             # An item hash can outlive its listing while a deleted gallery is being drained.
-            if score is None or (cutoff != _NO_CUTOFF and score < float(cutoff)):
+            if not _live(score, cutoff):
                 continue
             chunk += self._chunk(shard, [image_id], [row], fields)
         return chunk

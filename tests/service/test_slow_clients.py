@@ -13,7 +13,13 @@ import pytest
 
 from service.middleware import AdmissionMiddleware
 from service.protocol import HeaderDeadlineH11Protocol
-from tests.service_support import ThreadedServer, dribble_body, image_bytes, make_client
+from tests.service_support import (
+    ThreadedServer,
+    dribble,
+    dribble_body,
+    image_bytes,
+    make_client,
+)
 
 
 class FastDeadline(HeaderDeadlineH11Protocol):
@@ -72,20 +78,9 @@ def test_a_dribbled_body_is_a_408_and_frees_its_slot(server):
     answers = []
     for sock in slow:
         sock.settimeout(0.25)
-        started, data = time.monotonic(), b""
-        while time.monotonic() - started < 6 and b"}}" not in data:  # the whole JSON error
-            try:
-                sock.send(b"x")
-                data += sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                try:  # the server closed after answering: what it sent is still to read
-                    data += sock.recv(65536)
-                except OSError:
-                    pass
-                break
-        answers.append(data)
+        deadline = time.monotonic() + 6
+        answers.append(dribble(sock, lambda deadline=deadline: time.monotonic() < deadline,
+                               lambda got: b"}}" in got))  # the whole JSON error
     assert all(a.startswith(b"HTTP/1.1 408") for a in answers), answers
     assert b"too slowly" in answers[0]
     files = [("images", ("a.jpg", image_bytes(1), "image/jpeg"))]
