@@ -126,6 +126,9 @@ class _Pair(nn.Module):
 # Export helpers
 
 
+_ADDED_FIELDS = {"stripes": 0}  # VariantSpec fields newer than the first exports: default
+
+
 def model_id(net: MatchingNetwork) -> str:
     """A short sha256 of the weights and of the architecture they are for.
 
@@ -139,8 +142,10 @@ def model_id(net: MatchingNetwork) -> str:
     digest = hashlib.sha256()
     spec = getattr(net, "spec", None)
     if spec is not None:
+        # A field added after models were exported counts only away from its default, so
+        # the ids (and cache namespaces) of those models stay what they were.
         arch = {k: v for k, v in dataclasses.asdict(spec).items()
-                if k not in ("weights", "weights_b")}
+                if k not in ("weights", "weights_b") and _ADDED_FIELDS.get(k, ...) != v}
         digest.update(json.dumps(arch, sort_keys=True, default=list).encode())
     if net.mirror_average:  # other maps from the same weights: another cache namespace
         digest.update(b"mirror_average")

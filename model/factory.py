@@ -27,7 +27,8 @@ class VariantSpec:
     streams share one trunk.
     trunk_frozen: leading trunk stages kept fixed in training (``lite*`` only).
     embedding: ``fc`` (the paper's FC on the flattened map) or ``bnneck`` (global average and
-    batch norm, width C; ``fc_dim`` unused).
+    batch norm, width C; ``fc_dim`` unused). stripes: horizontal bands whose means the BNNeck
+    keeps beside the global mean (part features; width (1 + stripes) x C).
     fusion: ``gate`` (Eq. 2), ``gate-linear`` (Eq. 1), ``hadamard`` (MI), ``bilinear`` (B-CNN).
     pooling: ``irnn``, ``spp``, ``gap``, ``conv``, or ``none`` with ``head="fc-cnn"``.
     embed_dim: d (or the bilinear rank); hidden: IRNN / conv width; fc_dim: width of x_A, x_B
@@ -50,6 +51,7 @@ class VariantSpec:
     weights_b: str | None = None    # the same for trunk B when the streams do not share
     trunk_frozen: int = 0
     embedding: str = "fc"
+    stripes: int = 0
 
 
 _SMALL = dict(embed_dim=64, hidden=32, fc_dim=128, input_size=(128, 64))
@@ -118,11 +120,21 @@ def _lite2_bnneck(spec: VariantSpec) -> VariantSpec:
     return dataclasses.replace(_lite0_bnneck(spec), trunk="lite2-head", trunk_frozen=3)
 
 
+# The Lite0 BNNeck network with part features: the global mean and the means of the map's top
+# and bottom halves (4 x 4 cells each), each with its own identity classifier in phase 1.
+_LITE0_STRIPES_BASES = ("dsmi",)
+
+
+def _lite0_stripes(spec: VariantSpec) -> VariantSpec:
+    return dataclasses.replace(_lite0_bnneck(spec), stripes=2)
+
+
 VARIANTS: dict[str, VariantSpec] = {
     **_BASE, **{f"{name}-small": _small(spec) for name, spec in _BASE.items()},
     **{f"{name}-lite0": _lite0(_BASE[name]) for name in _LITE0_BASES},
     **{f"{name}-lite0-bnneck": _lite0_bnneck(_BASE[name]) for name in _LITE0_BNNECK_BASES},
-    **{f"{name}-lite2-bnneck": _lite2_bnneck(_BASE[name]) for name in _LITE2_BNNECK_BASES}}
+    **{f"{name}-lite2-bnneck": _lite2_bnneck(_BASE[name]) for name in _LITE2_BNNECK_BASES},
+    **{f"{name}-lite0-stripes": _lite0_stripes(_BASE[name]) for name in _LITE0_STRIPES_BASES}}
 
 
 def list_variants() -> list[str]:
@@ -207,7 +219,8 @@ def build_model(name: str = "dsmi", **overrides) -> MatchingNetwork:
         channels = trunk_a.out_channels
         net = TwoStreamMatchingNetwork(trunk_a, _build_fusion(spec, channels),
                                        _build_pooling(spec, channels), map_size, spec.fc_dim,
-                                       trunk_b=trunk_b, embedding=spec.embedding)
+                                       trunk_b=trunk_b, embedding=spec.embedding,
+                                       stripes=spec.stripes)
     net.variant = name
     net.input_size = spec.input_size
     net.build_args = {"name": name, **overrides}

@@ -167,6 +167,9 @@ class HeadWeights(NamedTuple):
     # Does ``tail`` read the pooled core output's mean over locations ``(P, c)``? (a BNNeck
     # embedding: the mean commutes with the linear maps, so it is taken first)
     tail_mean: bool = False
+    # A BNNeck with stripes: ``tail`` is out_proj alone, applied to each region's mean
+    # ``(P, R, c)``, then this per-feature factor ``(R * C,)``
+    tail_scale: torch.Tensor | None = None
 
 
 class TwoStreamMatchingNetwork(MatchingNetwork):
@@ -176,13 +179,14 @@ class TwoStreamMatchingNetwork(MatchingNetwork):
     paper's baselines. ``trunk_b=None`` shares ``trunk_a`` between the streams.
     ``map_size`` is the trunk's output grid at the configured input size; ``fc_dim`` the width
     of x_A and x_B. ``embedding``: ``"fc"`` (the paper's FC on the flattened map) or
-    ``"bnneck"`` (:class:`~model.embedding.BNNeckEmbedding`, x_A and x_B of width C; ``fc_dim``
-    is then unused). Either sits in ``self.fc``.
+    ``"bnneck"`` (:class:`~model.embedding.BNNeckEmbedding`, x_A and x_B of width C, or
+    (1 + ``stripes``) x C with horizontal stripes; ``fc_dim`` is then unused). Either sits in ``self.fc``.
     """
 
     def __init__(self, trunk_a: nn.Module, fusion: Fusion, pooling: SpatialPooling,
                  map_size: tuple[int, int], fc_dim: int = 512,
-                 trunk_b: nn.Module | None = None, embedding: str = "fc") -> None:
+                 trunk_b: nn.Module | None = None, embedding: str = "fc",
+                 stripes: int = 0) -> None:
         super().__init__()
         self.trunks = nn.ModuleList([trunk_a] if trunk_b is None else [trunk_a, trunk_b])
         channels = trunk_a.out_channels
@@ -195,7 +199,10 @@ class TwoStreamMatchingNetwork(MatchingNetwork):
         self.map_size = tuple(map_size)
         if embedding not in ("fc", "bnneck"):
             raise ValueError(f"embedding must be 'fc' or 'bnneck', not {embedding!r}")
-        self.fc = (BNNeckEmbedding(channels) if embedding == "bnneck" else
+        if stripes and (embedding != "bnneck" or self.map_size[0] % stripes):
+            raise ValueError(f"stripes={stripes} needs the bnneck embedding and a map height "
+                             f"that is a multiple of it (map {self.map_size})")
+        self.fc = (BNNeckEmbedding(channels, stripes) if embedding == "bnneck" else
                    nn.Linear(channels * self.map_size[0] * self.map_size[1], fc_dim))
         self.channels = channels
         # The tail (pooling's out_proj, then the FC) is fused into one matrix for inference
@@ -238,6 +245,11 @@ class TwoStreamMatchingNetwork(MatchingNetwork):
         if self.bnneck:
             # W F~ = scale * mean over cells of out_proj(core): one (C, c) map of the mean.
             scale, out = self.fc.scale(), self.pooling.out_proj
+            if self.fc.stripes:
+                tail = ((out.weight.flatten(1), out.bias) if out is not None else
+                        (torch.eye(self.channels, dtype=scale.dtype, device=scale.device),
+                         scale.new_zeros(self.channels)))
+                return HeadWeights(entry, tail, True, True, scale)
             if out is None:
                 return HeadWeights(entry, (torch.diag(scale), scale.new_zeros(scale.shape)),
                                    True, True)
@@ -269,6 +281,10 @@ class TwoStreamMatchingNetwork(MatchingNetwork):
         if hw.entry is not None:
             x = F.linear(x, *hw.entry)
         x = self.pooling.core_last(x.reshape(p, h, w, x.shape[-1]))  # (P, H, W, c)
+        if hw.tail_mean and hw.tail_scale is not None:
+            regions = self.fc.region_means(x.permute(0, 3, 1, 2))  # (P, R, c)
+            joint = F.linear(regions, *hw.tail).flatten(1) * hw.tail_scale
+            return F.cosine_similarity(probe.embedding - joint, gallery.embedding - joint, dim=1)
         if hw.tail_mean:
             joint = F.linear(x.mean(dim=(1, 2)), *hw.tail)
             return F.cosine_similarity(probe.embedding - joint, gallery.embedding - joint, dim=1)

@@ -123,9 +123,13 @@ class Trainer:
             if not hasattr(self, "_pretrain_heads"):
                 n = len(self.pid_map)
                 if self.bnneck:
-                    classifier = torch.nn.Linear(self.net.fc.out_features, n, bias=False)
-                    torch.nn.init.normal_(classifier.weight, std=0.001)
-                    self._pretrain_heads = torch.nn.ModuleList([classifier]).to(self.device)
+                    # One identity classifier per region of the embedding (the whole map, then
+                    # each stripe): a stripe that must name people by itself learns its part.
+                    classifiers = [torch.nn.Linear(self.net.fc.channels, n, bias=False)
+                                   for _ in range(self.net.fc.regions)]
+                    for classifier in classifiers:
+                        torch.nn.init.normal_(classifier.weight, std=0.001)
+                    self._pretrain_heads = torch.nn.ModuleList(classifiers).to(self.device)
                 else:
                     self._pretrain_heads = torch.nn.ModuleList(
                         FCCNN(trunk, self.net.map_size, self.net.fc.out_features, n)
@@ -314,11 +318,13 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16,
                             enabled=t.precision == "bf16"):
             if self.state.phase == "pretrain" and self.bnneck:
-                pooled = self.net.fc.pooled(self.net.encode(images))
-                logits = self._pretrain_heads[0](self.net.fc.bn(pooled.float()))
-                return (F.cross_entropy(logits.float(), pids,
-                                        label_smoothing=t.label_smoothing)
-                        + batch_hard_triplet(pooled.float(), pids, t.triplet_margin))
+                pooled = self.net.fc.pooled(self.net.encode(images)).float()
+                normed = self.net.fc.bn(pooled).view(len(pids), self.net.fc.regions, -1)
+                identity = sum(F.cross_entropy(head(normed[:, r]), pids,
+                                               label_smoothing=t.label_smoothing)
+                               for r, head in enumerate(self._pretrain_heads))
+                return (identity / len(self._pretrain_heads)
+                        + batch_hard_triplet(pooled, pids, t.triplet_margin))
             if self._maps is not None:
                 # A random view (mirrored or not) of each image's cached map.
                 views = torch.randint(self._maps.shape[0], (len(indices),))

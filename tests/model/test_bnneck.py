@@ -36,7 +36,8 @@ def test_bnneck_variant_builds_an_8x4_grid_at_256x128():
 
 
 @pytest.mark.parametrize("name", ["dsmi-lite0-bnneck", "dsmi-gap-lite0-bnneck",
-                                  "mi-spp-lite0-bnneck", "bcnn-irnn-lite0-bnneck"])
+                                  "mi-spp-lite0-bnneck", "bcnn-irnn-lite0-bnneck",
+                                  "dsmi-lite0-stripes"])
 def test_fused_scores_equal_the_equations_step_by_step(name):
     torch.manual_seed(0)
     net = build_model(name, **SMALL)
@@ -94,3 +95,29 @@ def test_mirror_average_is_the_mean_of_both_views_and_only_outside_training():
         torch.testing.assert_close(net.encode(images.flip(-1)), averaged.flip(-1))
     net.train()
     assert net.encode(images).shape == plain.shape  # training sees one view
+
+
+def test_stripes_keep_the_global_mean_then_each_band_from_the_top():
+    neck = BNNeckEmbedding(3, stripes=2).eval()
+    assert (neck.regions, neck.out_features, neck.bn.num_features) == (3, 9, 9)
+    maps = torch.randn(2, 3, 4, 2)
+    regions = neck.region_means(maps)
+    assert regions.shape == (2, 3, 3)
+    torch.testing.assert_close(regions[:, 0], maps.mean((2, 3)))
+    torch.testing.assert_close(regions[:, 1], maps[:, :, :2].mean((2, 3)))
+    torch.testing.assert_close(regions[:, 2], maps[:, :, 2:].mean((2, 3)))
+    torch.testing.assert_close(neck.pooled(maps), regions.flatten(1))
+    # Channels-last maps (the trainer's layout) pool the same.
+    torch.testing.assert_close(
+        neck.pooled(maps.contiguous(memory_format=torch.channels_last)), regions.flatten(1))
+    with pytest.raises(ValueError, match="stripes"):
+        neck.region_means(torch.randn(1, 3, 3, 2))
+
+
+def test_striped_variant_embeds_three_regions_and_checks_the_map_height():
+    net = build_model("dsmi-lite0-stripes", weights=None)
+    assert net.map_size == (8, 4) and net.fc.out_features == 3 * 1280
+    with pytest.raises(ValueError, match="stripes"):
+        build_model("dsmi-lite0-stripes", weights=None, input_size=(96, 64))  # 3 rows
+    with pytest.raises(ValueError, match="stripes"):
+        build_model("dsmi-lite0", weights=None, stripes=2)  # the paper's FC embedding

@@ -147,6 +147,24 @@ def test_model_id_follows_the_weights():
     assert model_id(linear) != model_id(a)
 
 
+def test_model_ids_of_specs_from_before_the_stripes_field_stay_the_same():
+    import dataclasses
+
+    from model.factory import VariantSpec
+
+    net = build_model("dsmi-small")
+    today = model_id(net)
+    # The spec as models exported before the field was added had it.
+    old_fields = [(f.name, f.type, dataclasses.field(default=None))
+                  for f in dataclasses.fields(VariantSpec) if f.name != "stripes"]
+    old_spec = dataclasses.make_dataclass("OldSpec", old_fields)
+    net.spec = old_spec(**{k: v for k, v in dataclasses.asdict(net.spec).items()
+                           if k != "stripes"})
+    assert model_id(net) == today
+    net.spec = dataclasses.replace(build_model("dsmi-small").spec, stripes=2)
+    assert model_id(net) != today
+
+
 def test_checkpoint_exports_through_the_cli_with_the_weights_id(tmp_path, capsys):
     torch.manual_seed(3)
     net = build_model("dsmi-vggd-vggm-small")
@@ -235,4 +253,16 @@ def test_bnneck_model_with_mirror_average_and_calibration_exports_exactly(tmp_pa
     net.mirror_average = True
     assert manifest.calibration == calibration
     assert ExportManifest.read(tmp_path / "m").calibration == calibration
+    assert verify_export(net, tmp_path / "m") < 1e-4
+
+
+def test_striped_bnneck_model_exports_exactly(tmp_path):
+    from model.export import verify_export
+
+    torch.manual_seed(3)
+    net = build_model("dsmi-lite0-stripes", weights=None, input_size=(64, 32)).eval()
+    with torch.no_grad():  # a trained-looking norm and a live head
+        net.fc.bn.running_var.uniform_(0.5, 2.0)
+        net.pooling.out_proj.weight.normal_(std=0.05)
+    export_model(net, tmp_path / "m")
     assert verify_export(net, tmp_path / "m") < 1e-4

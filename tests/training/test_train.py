@@ -315,6 +315,22 @@ def test_bnneck_trains_the_embedding_then_the_head_alone_on_cached_maps(tiny_man
     assert net.variant == "dsmi-lite0-bnneck"
 
 
+def test_stripes_train_one_identity_classifier_per_region(tiny_manifest, tmp_path):
+    cfg = load_config("configs/cpu-stripes.yaml", bnneck_overrides(tiny_manifest, **{
+        "model.variant": "dsmi-lite0-stripes", "train.pretrain_epochs": 1, "train.epochs": 1}))
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    heads = trainer._phase_model()[2]
+    assert len(heads) == 3 and all(h.in_features == 1280 for h in heads)
+    before = [h.weight.clone() for h in heads]
+    trainer.fit()
+    # Each stripe's classifier learned (each reads its own region of the embedding).
+    assert all(not torch.equal(b, h.weight) for b, h in zip(before, heads))
+    net, _ = load_checkpoint(tmp_path / "best.pt")
+    assert net.variant == "dsmi-lite0-stripes" and net.fc.out_features == 3 * 1280
+    with torch.no_grad():
+        assert net.eval().embed(net.encode(torch.randn(2, 3, 64, 32))).shape == (2, 3840)
+
+
 def test_bnneck_phase_one_ends_on_its_own_budget(tiny_manifest, tmp_path):
     cfg = load_config("configs/cpu-bnneck.yaml", bnneck_overrides(tiny_manifest, **{
         "train.pretrain_epochs": 50, "train.pretrain_minutes": 1e-6, "train.epochs": 1}))
