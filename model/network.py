@@ -180,7 +180,8 @@ class TwoStreamMatchingNetwork(MatchingNetwork):
     ``map_size`` is the trunk's output grid at the configured input size; ``fc_dim`` the width
     of x_A and x_B. ``embedding``: ``"fc"`` (the paper's FC on the flattened map) or
     ``"bnneck"`` (:class:`~model.embedding.BNNeckEmbedding`, x_A and x_B of width C, or
-    (1 + ``stripes``) x C with horizontal stripes; ``fc_dim`` is then unused). Either sits in ``self.fc``.
+    (1 + ``stripes``) x C with horizontal stripes; ``fc_dim`` is then unused). Either sits in
+    ``self.fc``.
     """
 
     def __init__(self, trunk_a: nn.Module, fusion: Fusion, pooling: SpatialPooling,

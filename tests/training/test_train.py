@@ -324,7 +324,7 @@ def test_stripes_train_one_identity_classifier_per_region(tiny_manifest, tmp_pat
     before = [h.weight.clone() for h in heads]
     trainer.fit()
     # Each stripe's classifier learned (each reads its own region of the embedding).
-    assert all(not torch.equal(b, h.weight) for b, h in zip(before, heads))
+    assert all(not torch.equal(b, h.weight) for b, h in zip(before, heads, strict=True))
     net, _ = load_checkpoint(tmp_path / "best.pt")
     assert net.variant == "dsmi-lite0-stripes" and net.fc.out_features == 3 * 1280
     with torch.no_grad():
