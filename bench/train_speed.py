@@ -45,7 +45,8 @@ DESIGNS: dict[str, tuple[str, list[str]]] = {
     "phase1-nchw": ("configs/cpu-bnneck.yaml", ["train.channels_last=false"]),
     "phase1-bf16": ("configs/cpu-bnneck.yaml", ["train.precision=bf16"]),
     "phase2": ("configs/cpu-bnneck.yaml", ["train.pretrain_epochs=0"]),
-    "phase1-stripes": ("configs/cpu-stripes.yaml", []),  # part features (--only)
+    "phase1-stripes": ("configs/cpu-bnneck.yaml",  # part features (--only)
+                       ["model.variant=dsmi-lite0-stripes"]),
 }
 # (design, allocator) pairs of one run: every design with tcmalloc, the main two with each.
 RUNS = [("before", "system"), ("before", "tcmalloc"), ("before", "jemalloc"),

@@ -52,8 +52,6 @@ class BNNeckEmbedding(nn.Module):
 
     def pooled(self, maps: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` -> the region means side by side ``(B, R * C)``."""
-        if not self.stripes:
-            return maps.mean(dim=(2, 3))
         return self.region_means(maps).flatten(1)
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:

@@ -164,11 +164,9 @@ class HeadWeights(NamedTuple):
     entry: tuple[torch.Tensor, torch.Tensor] | None  # projection P then the pooling's in_proj
     tail: tuple[torch.Tensor, torch.Tensor]          # the FC, or out_proj then FC: weight, bias
     tail_fused: bool  # does ``tail`` include out_proj? Its inputs are then in (H, W, c) order
-    # Does ``tail`` read the pooled core output's mean over locations ``(P, c)``? (a BNNeck
-    # embedding: the mean commutes with the linear maps, so it is taken first)
-    tail_mean: bool = False
-    # A BNNeck with stripes: ``tail`` is out_proj alone, applied to each region's mean
-    # ``(P, R, c)``, then this per-feature factor ``(R * C,)``
+    # A BNNeck embedding: ``tail`` (out_proj) reads each region's mean of the core output
+    # ``(P, R, c)`` (the means commute with the linear maps, so they are taken first), then
+    # the norm's per-feature factor ``(R * C,)`` scales it
     tail_scale: torch.Tensor | None = None
 
 
@@ -244,18 +242,12 @@ class TwoStreamMatchingNetwork(MatchingNetwork):
     def head_weights(self) -> HeadWeights:
         entry = compose_pointwise(self.fusion.projection, self.pooling.in_proj)
         if self.bnneck:
-            # W F~ = scale * mean over cells of out_proj(core): one (C, c) map of the mean.
+            # W F~ = scale * out_proj(each region's mean of the core output).
             scale, out = self.fc.scale(), self.pooling.out_proj
-            if self.fc.stripes:
-                tail = ((out.weight.flatten(1), out.bias) if out is not None else
-                        (torch.eye(self.channels, dtype=scale.dtype, device=scale.device),
-                         scale.new_zeros(self.channels)))
-                return HeadWeights(entry, tail, True, True, scale)
-            if out is None:
-                return HeadWeights(entry, (torch.diag(scale), scale.new_zeros(scale.shape)),
-                                   True, True)
-            return HeadWeights(entry, (scale[:, None] * out.weight.flatten(1),
-                                       scale * out.bias), True, True)
+            tail = ((out.weight.flatten(1), out.bias) if out is not None else
+                    (torch.eye(self.channels, dtype=scale.dtype, device=scale.device),
+                     scale.new_zeros(self.channels)))
+            return HeadWeights(entry, tail, True, scale)
         fc_w = self.fc.weight
         out = self.pooling.out_proj
         if out is None or not (self._fuse_tail_training if self.training else self._fuse_tail):
@@ -282,12 +274,9 @@ class TwoStreamMatchingNetwork(MatchingNetwork):
         if hw.entry is not None:
             x = F.linear(x, *hw.entry)
         x = self.pooling.core_last(x.reshape(p, h, w, x.shape[-1]))  # (P, H, W, c)
-        if hw.tail_mean and hw.tail_scale is not None:
+        if hw.tail_scale is not None:  # a BNNeck embedding
             regions = self.fc.region_means(x.permute(0, 3, 1, 2))  # (P, R, c)
             joint = F.linear(regions, *hw.tail).flatten(1) * hw.tail_scale
-            return F.cosine_similarity(probe.embedding - joint, gallery.embedding - joint, dim=1)
-        if hw.tail_mean:
-            joint = F.linear(x.mean(dim=(1, 2)), *hw.tail)
             return F.cosine_similarity(probe.embedding - joint, gallery.embedding - joint, dim=1)
         if (h, w) != tuple(self.map_size):
             x = self._to_grid(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)

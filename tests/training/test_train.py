@@ -316,7 +316,7 @@ def test_bnneck_trains_the_embedding_then_the_head_alone_on_cached_maps(tiny_man
 
 
 def test_stripes_train_one_identity_classifier_per_region(tiny_manifest, tmp_path):
-    cfg = load_config("configs/cpu-stripes.yaml", bnneck_overrides(tiny_manifest, **{
+    cfg = load_config("configs/cpu-bnneck.yaml", bnneck_overrides(tiny_manifest, **{
         "model.variant": "dsmi-lite0-stripes", "train.pretrain_epochs": 1, "train.epochs": 1}))
     trainer = Trainer(cfg, tmp_path, progress=False)
     heads = trainer._phase_model()[2]
